@@ -1,0 +1,29 @@
+"""tiered_cache: a read-through cache for AI results, near cache -> Redis -> PostgreSQL."""
+
+from .errors import (
+    ConfigurationError,
+    InvalidInput,
+    MigrationError,
+    StoreUnavailable,
+    TierUnavailable,
+    TieredCacheError,
+)
+from .migrate import migrate
+from .policy.expiry import DEFAULT_EXPIRY_DAYS, ExpiryPolicy
+from .policy.validation import Limits
+from .tiers.postgres import PostgresStore, SweepReport
+
+__all__ = [
+    "DEFAULT_EXPIRY_DAYS",
+    "ConfigurationError",
+    "ExpiryPolicy",
+    "InvalidInput",
+    "Limits",
+    "MigrationError",
+    "PostgresStore",
+    "StoreUnavailable",
+    "SweepReport",
+    "TierUnavailable",
+    "TieredCacheError",
+    "migrate",
+]

@@ -1,0 +1,32 @@
+"""Errors: one base class, a few precise subclasses, so callers catch what they can act on."""
+
+from __future__ import annotations
+
+
+class TieredCacheError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class InvalidInput(TieredCacheError, ValueError):
+    """A call's argument is unusable; raised before any I/O so nothing is written."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ConfigurationError(TieredCacheError, ValueError):
+    """An option given to the library cannot work."""
+
+
+class StoreUnavailable(TieredCacheError):
+    """PostgreSQL, the system of record, could not be reached or failed the statement."""
+
+
+class TierUnavailable(TieredCacheError):
+    """A cache tier failed; the facade degrades past it, so callers rarely see this."""
+
+
+class MigrationError(TieredCacheError):
+    """The schema could not be brought to the version this library needs."""

@@ -1,0 +1,1 @@
+"""Pure policy: keys, expiry, validation and encoding. No I/O here; the clock is injected."""

@@ -1,0 +1,131 @@
+"""Input validation: every argument is checked here, before any I/O, and errors name the field."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ..errors import InvalidInput
+
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a caller may store; defaults fit the product's AI results."""
+
+    max_name_length: int = 128
+    max_target_id_length: int = 512
+    max_payload_bytes: int = 1 << 20
+    max_history: int = 100
+    max_many: int = 1000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def name(field: str, value: object, max_length: int) -> str:
+    """A non-empty str without NUL (PostgreSQL text cannot hold NUL) and within max_length."""
+    if not isinstance(value, str):
+        raise InvalidInput(field, f"expected str, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(field, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidInput(field, f"longer than {max_length} characters ({len(value)})")
+    if "\x00" in value:
+        raise InvalidInput(field, "contains a NUL character")
+    return value
+
+
+def optional_name(field: str, value: object, max_length: int) -> str | None:
+    """None or a valid name."""
+    return None if value is None else name(field, value, max_length)
+
+
+def bigint(field: str, value: object) -> int:
+    """An int (bool is not an int here) that fits PostgreSQL bigint."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput(field, f"expected int, got {type(value).__name__}")
+        value = int(value)
+    if not BIGINT_MIN <= value <= BIGINT_MAX:
+        raise InvalidInput(field, f"{value} does not fit a 64-bit integer")
+    return value
+
+
+def optional_score(value: object) -> int | None:
+    """None or an int that fits PostgreSQL integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("score", f"expected int or None, got {type(value).__name__}")
+    if not INT_MIN <= value <= INT_MAX:
+        raise InvalidInput("score", f"{value} does not fit a 32-bit integer")
+    return int(value)
+
+
+def positive_int(field: str, value: object, maximum: int) -> int:
+    """An int in 1..maximum (limits, ids)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, f"expected int, got {type(value).__name__}")
+    if not 1 <= value <= maximum:
+        raise InvalidInput(field, f"must be between 1 and {maximum}, got {value}")
+    return int(value)
+
+
+def optional_aware_datetime(field: str, value: object) -> datetime | None:
+    """None or a timezone-aware datetime; a naive one is ambiguous across venues."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(field, f"expected datetime or None, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(field, "must be timezone-aware")
+    return value
+
+
+def _has_non_finite(value: Any) -> bool:
+    """True if a float NaN or infinity hides anywhere in value (orjson would write it as null)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def result_json(value: object, max_bytes: int) -> str:
+    """A JSON object that PostgreSQL jsonb can hold exactly; returns its text for the INSERT."""
+    if not isinstance(value, dict):
+        raise InvalidInput("result_json", f"expected a dict (a JSON object), got {type(value).__name__}")
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:  # non-str keys, sets, objects, ints over 64 bits, recursion
+        raise InvalidInput("result_json", f"not JSON: {exc}") from exc
+    if b"null" in encoded and _has_non_finite(value):
+        raise InvalidInput("result_json", "contains NaN or infinity, which JSON cannot represent")
+    if len(encoded) > max_bytes:
+        raise InvalidInput("result_json", f"{len(encoded)} bytes encoded, over the limit of {max_bytes}")
+    if b"\\u0000" in encoded:
+        raise InvalidInput("result_json", "contains a NUL character, which PostgreSQL jsonb rejects")
+    return encoded.decode()
+
+
+def target_ids(value: object, limits: Limits) -> list[str]:
+    """A list/tuple of target ids, deduplicated in order (a str is not a list of ids)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidInput("target_ids", f"expected a list of str, got {type(value).__name__}")
+    out: dict[str, None] = {}
+    for item in value:
+        out[name("target_ids[]", item, limits.max_target_id_length)] = None
+        if len(out) > limits.max_many:
+            raise InvalidInput("target_ids", f"more than {limits.max_many} ids")
+    return list(out)
+

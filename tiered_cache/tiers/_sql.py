@@ -1,0 +1,160 @@
+"""SQL text and row shaping for the PostgreSQL tier; pure, so a sync and an async store share it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+LATEST_COLUMNS = (
+    "id", "cache_type", "site_id", "target_id", "result_json",
+    "score", "triggered_by", "created_at", "expires_at", "status",
+)
+HISTORY_COLUMNS = LATEST_COLUMNS[:-1]  # the old service's history rows carry no status
+
+_COLS = ", ".join(LATEST_COLUMNS)
+_A_COLS = ", ".join("a." + c for c in LATEST_COLUMNS)
+_KEY = "cache_type = %(cache_type)s AND site_id = %(site_id)s AND target_id = %(target_id)s"
+_SERVABLE = "(status = 'valid' OR status IS NULL) AND (expires_at IS NULL OR expires_at > now())"
+_A_SERVABLE = "(a.status = 'valid' OR a.status IS NULL) AND (a.expires_at IS NULL OR a.expires_at > now())"
+_NEWEST = "ORDER BY created_at DESC, id DESC"
+
+GET_LATEST = f"SELECT {_COLS} FROM biz.ai_cache WHERE {_KEY} AND {_SERVABLE} {_NEWEST} LIMIT 1"
+
+GET_HISTORY = (
+    f"SELECT {', '.join(HISTORY_COLUMNS)} FROM biz.ai_cache WHERE {_KEY} {_NEWEST} LIMIT %(limit)s"
+)
+
+# One index probe per target, all in one statement.
+GET_MANY = f"""
+SELECT r.* FROM unnest(%(target_ids)s::text[]) AS t(tid)
+CROSS JOIN LATERAL (
+    SELECT {_A_COLS} FROM biz.ai_cache a
+    WHERE a.cache_type = %(cache_type)s AND a.site_id = %(site_id)s AND a.target_id = t.tid
+      AND {_A_SERVABLE}
+    ORDER BY a.created_at DESC, a.id DESC LIMIT 1
+) r
+"""
+
+# The new row plus the previous servable one, in one statement: the caller picks what get_latest now returns.
+WRITE = f"""
+WITH ins AS (
+    INSERT INTO biz.ai_cache
+        (cache_type, site_id, target_id, result_json, triggered_by, score, expires_at, status)
+    VALUES (%(cache_type)s, %(site_id)s, %(target_id)s, %(result_json)s::jsonb,
+            %(triggered_by)s, %(score)s, %(expires_at)s, 'valid')
+    RETURNING {_COLS}, (expires_at IS NULL OR expires_at > now()) AS servable
+)
+SELECT {_COLS}, servable FROM ins
+UNION ALL
+(SELECT {_COLS}, true FROM biz.ai_cache WHERE {_KEY} AND {_SERVABLE} {_NEWEST} LIMIT 1)
+"""
+
+SET_GENERATING = """
+INSERT INTO biz.ai_cache (cache_type, site_id, target_id, result_json, status, triggered_by)
+VALUES (%(cache_type)s, %(site_id)s, %(target_id)s, '{}'::jsonb, 'generating', %(triggered_by)s)
+RETURNING id
+"""
+
+KEY_OF = "SELECT cache_type, site_id, target_id, status FROM biz.ai_cache WHERE id = %(id)s"
+
+FINALIZE = f"""
+WITH upd AS (
+    UPDATE biz.ai_cache
+    SET result_json = %(result_json)s::jsonb, score = %(score)s, status = 'valid', expires_at = %(expires_at)s
+    WHERE id = %(id)s AND status = 'generating'
+    RETURNING {_COLS}, (expires_at IS NULL OR expires_at > now()) AS servable
+)
+SELECT {_COLS}, servable FROM upd
+UNION ALL
+(SELECT {_COLS}, true FROM biz.ai_cache
+ WHERE {_KEY} AND {_SERVABLE} AND id <> %(id)s AND EXISTS (SELECT 1 FROM upd) {_NEWEST} LIMIT 1)
+"""
+
+INVALIDATE = f"""
+UPDATE biz.ai_cache SET status = 'invalidated'
+WHERE {_KEY} AND (status = 'valid' OR status IS NULL)
+"""
+
+INVALIDATE_SITE = """
+WITH upd AS (
+    UPDATE biz.ai_cache SET status = 'invalidated'
+    WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
+      AND (status = 'valid' OR status IS NULL)
+    RETURNING cache_type, target_id
+)
+SELECT cache_type, target_id, count(*) FROM upd GROUP BY cache_type, target_id
+"""
+
+SWEEP_EXPIRED = """
+UPDATE biz.ai_cache SET status = 'expired'
+WHERE id IN (
+    SELECT id FROM biz.ai_cache
+    WHERE expires_at IS NOT NULL AND expires_at <= now() AND (status = 'valid' OR status IS NULL)
+    LIMIT %(batch)s
+)
+"""
+
+SWEEP_GENERATING = """
+UPDATE biz.ai_cache SET status = 'expired'
+WHERE id IN (
+    SELECT id FROM biz.ai_cache
+    WHERE status = 'generating' AND created_at < now() - %(timeout)s
+    LIMIT %(batch)s
+)
+"""
+
+CLAIM_DIRTY_GROUPS = """
+DELETE FROM biz.ai_cache_retention_dirty
+WHERE (cache_type, site_id) IN (
+    SELECT cache_type, site_id FROM biz.ai_cache_retention_dirty LIMIT %(groups)s FOR UPDATE SKIP LOCKED
+)
+RETURNING cache_type, site_id
+"""
+
+# Deletes the oldest rows beyond the newest `keep` of one (cache_type, site_id), sparing the row
+# get_latest would serve for its key and live placeholders (those are kept on top of `keep`).
+RETENTION = f"""
+WITH cutoff AS (
+    SELECT created_at, id FROM biz.ai_cache
+    WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s
+    {_NEWEST} OFFSET %(keep)s LIMIT 1
+), victims AS (
+    SELECT a.id FROM biz.ai_cache a, cutoff c
+    WHERE a.cache_type = %(cache_type)s AND a.site_id = %(site_id)s
+      AND (a.created_at, a.id) <= (c.created_at, c.id)
+      AND NOT (a.status = 'generating' AND a.created_at > now() - %(generating_timeout)s)
+      AND NOT ({_A_SERVABLE} AND NOT EXISTS (
+            SELECT 1 FROM biz.ai_cache b
+            WHERE b.cache_type = a.cache_type AND b.site_id = a.site_id AND b.target_id = a.target_id
+              AND (b.status = 'valid' OR b.status IS NULL)
+              AND (b.expires_at IS NULL OR b.expires_at > now())
+              AND (b.created_at, b.id) > (a.created_at, a.id)))
+    ORDER BY a.created_at DESC, a.id DESC
+    LIMIT %(batch)s
+)
+DELETE FROM biz.ai_cache WHERE id IN (SELECT id FROM victims)
+"""
+
+
+def row_dict(columns: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
+    """A row as the old service returned it: a dict of the columns, datetimes as ISO-8601 strings."""
+    out = dict(zip(columns, row))
+    out["created_at"] = out["created_at"].isoformat()
+    expires_at = out["expires_at"]
+    if expires_at is not None:
+        out["expires_at"] = expires_at.isoformat()
+    return out
+
+
+def pick_servable(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
+    """From (columns..., servable) rows of WRITE/FINALIZE, what get_latest returns now."""
+    best = None
+    for row in rows:
+        if row[-1] and (best is None or (row[7], row[0]) > (best[7], best[0])):
+            best = row
+    return None if best is None else row_dict(LATEST_COLUMNS, best[:-1])
+
+
+def as_datetime(value: str) -> datetime:
+    """Parse an ISO string produced by row_dict."""
+    return datetime.fromisoformat(value)
