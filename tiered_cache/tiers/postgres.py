@@ -241,8 +241,12 @@ class PostgresStore:
     def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
         """Insert a 'generating' placeholder; readers keep getting the previous valid result."""
         params = self._key(cache_type, site_id, target_id)
-        params["triggered_by"] = check.optional_name("triggered_by", triggered_by, self.limits.max_name_length)
+        params["triggered_by"] = self.prepare_triggered_by(triggered_by)
         return self.insert_generating(params)
+
+    def prepare_triggered_by(self, triggered_by: object) -> str | None:
+        """Check set_generating's triggered_by."""
+        return check.optional_name("triggered_by", triggered_by, self.limits.max_name_length)
 
     def insert_generating(self, params: dict[str, Any]) -> int:
         """set_generating on validated params."""

@@ -1,0 +1,237 @@
+"""TieredCache: the one object callers use; the only module that knows the order of the tiers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .contracts import DOWN, MISS, Row
+from .errors import ConfigurationError
+from .policy.breaker import CircuitBreaker
+from .policy.keys import KeySet, KeySpace
+from .tiers.postgres import PostgresStore
+from .tiers.redis import RedisTier
+
+logger = logging.getLogger(__name__)
+
+_STORE_OPTIONS = frozenset(
+    {"policy", "clock", "limits", "retention", "generating_timeout", "min_size", "max_size", "pool_timeout", "connect_timeout"}
+)
+
+
+def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> redis.Redis:
+    """A client whose every call is bounded by `timeout`: no retries, a blocking pool, so a sick Redis cannot pile up threads."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+class TieredCache:
+    """Same methods and return shapes as PostgresStore, served from Redis when it can be, never stale after a write."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        redis_client: redis.Redis,
+        *,
+        namespace: str = "tc",
+        negative_ttl: float = 10.0,
+        no_expiry_ttl: float = 3600.0,
+        history_ttl: float = 3600.0,
+        lease_ttl: float = 5.0,
+        breaker_threshold: int = 2,
+        breaker_reset: float = 1.0,
+        owns_clients: bool = False,
+    ) -> None:
+        for option, value in (("negative_ttl", negative_ttl), ("no_expiry_ttl", no_expiry_ttl),
+                              ("history_ttl", history_ttl), ("lease_ttl", lease_ttl)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.001:
+                raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
+        self.store = store
+        self.keys = KeySpace(namespace)
+        self.redis = RedisTier(
+            redis_client,
+            self.keys,
+            negative_ttl=negative_ttl,
+            no_expiry_ttl=no_expiry_ttl,
+            history_ttl=history_ttl,
+            lease_ttl=lease_ttl,
+            breaker=CircuitBreaker(breaker_threshold, breaker_reset),
+        )
+        self._owns_clients = owns_clients
+        self._redis_client = redis_client
+
+    @classmethod
+    def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05, **options: Any) -> TieredCache:
+        """Build the store and a bounded Redis client from a DSN and a URL; options go to whichever takes them."""
+        store_options = {k: options.pop(k) for k in list(options) if k in _STORE_OPTIONS}
+        store = PostgresStore(dsn, **store_options)
+        try:
+            return cls(store, redis_client(redis_url, timeout=redis_timeout), owns_clients=True, **options)
+        except BaseException:
+            store.close()
+            raise
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
+        """The newest servable row of a key: Redis first, PostgreSQL on a miss (then filled under a lease)."""
+        key = self.store.validate_key(cache_type, site_id, target_id)
+        entry = self.keys.entry(*key)
+        cached = self.redis.get_entry(entry)
+        if cached is not MISS and cached is not DOWN:
+            return cached
+        ks = self.keys.keyset(*key) if cached is MISS else None
+        token = self.redis.lease(ks.lease) if ks is not None else None
+        row = self.store.get_latest(*key)
+        if token is not None:
+            self.redis.fill_entry(ks, token, row)  # type: ignore[arg-type]
+        return row
+
+    def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
+        """get_latest for many targets: one MGET, one PostgreSQL query for all misses, one round trip to fill."""
+        ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
+        if not ids:
+            return {}
+        cached = self.redis.get_entries([self.keys.entry(ct, site, t) for t in ids])
+        if cached is DOWN:
+            return self.store.fetch_many(ct, site, ids)
+        found: dict[str, Row | None] = {}
+        missing: list[str] = []
+        for target, value in zip(ids, cached):
+            if value is MISS:
+                missing.append(target)
+            found[target] = value
+        if missing:
+            keysets = [self.keys.keyset(ct, site, t) for t in missing]
+            tokens = self.redis.leases([ks.lease for ks in keysets])
+            rows = self.store.fetch_many(ct, site, missing)
+            found.update(rows)
+            fills = [(ks, tok, rows[t]) for ks, tok, t in zip(keysets, tokens, missing) if tok is not None]
+            if fills:
+                self.redis.fill_entries(fills)
+        return found
+
+    def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
+        """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
+        key = self.store.validate_key(cache_type, site_id, target_id)
+        limit = self.store.validate_limit(limit)
+        ks = self.keys.keyset(*key)
+        cached = self.redis.get_history(ks, limit)
+        if cached is not MISS and cached is not DOWN:
+            return cached
+        token = self.redis.lease(ks.history_lease) if cached is MISS else None
+        rows = self.store.get_history(*key, limit=limit)
+        if token is not None:
+            self.redis.fill_history(ks, token, limit, rows)
+        return rows
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def write_cache(
+        self,
+        cache_type: str,
+        site_id: int,
+        target_id: str,
+        result_json: dict[str, Any],
+        triggered_by: str | None = None,
+        score: int | None = None,
+        expires_at: datetime | None = None,
+    ) -> int:
+        """Insert a 'valid' row; once this returns, every process reads the new state."""
+        params = self.store.prepare_write(cache_type, site_id, target_id, result_json, triggered_by, score, expires_at)
+        ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
+        token = self.redis.lease_for_write(ks)
+        try:
+            outcome = self.store.write(params)
+        except BaseException:
+            self.redis.kill([ks])  # the commit may have happened before the failure
+            raise
+        self.redis.write_through(ks, token, outcome.latest)
+        return outcome.id  # type: ignore[return-value]
+
+    def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
+        """Insert a placeholder; the previous result keeps being served, from cache."""
+        params = {
+            **dict(zip(("cache_type", "site_id", "target_id"), self.store.validate_key(cache_type, site_id, target_id))),
+            "triggered_by": self.store.prepare_triggered_by(triggered_by),
+        }
+        ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
+        try:
+            return self.store.insert_generating(params)
+        finally:
+            self.redis.kill([ks], history_only=True)
+
+    def finalize_cache(
+        self, cache_id: int, result_json: dict[str, Any], score: int | None = None, cache_type: str | None = None
+    ) -> bool:
+        """Fill a 'generating' row (expiry from its own type); True if it did, and then every tier has it."""
+        params = self.store.prepare_finalize(cache_id, result_json, score, cache_type)
+        found = self.store.resolve_finalize(params)
+        if found is None:
+            logger.warning("finalize_cache: row %s does not exist", params["id"])
+            return False
+        ks = self.keys.keyset(*found[0])
+        token = self.redis.lease_for_write(ks)
+        try:
+            outcome = self.store.finalize(params)
+        except BaseException:
+            self.redis.kill([ks])
+            raise
+        if outcome.changed:
+            self.redis.write_through(ks, token, outcome.latest)
+        else:
+            self.redis.release(ks, token)
+        return outcome.changed
+
+    def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
+        """Mark a key's valid rows 'invalidated' and cache the resulting 'no row'; returns how many rows."""
+        key = self.store.validate_key(cache_type, site_id, target_id)
+        ks = self.keys.keyset(*key)
+        token = self.redis.lease_for_write(ks)
+        try:
+            count = self.store.invalidate_key(dict(zip(("cache_type", "site_id", "target_id"), key)))
+        except BaseException:
+            self.redis.kill([ks])
+            raise
+        self.redis.write_through(ks, token, None)
+        return count
+
+    def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
+        """Invalidate a venue's valid rows (optionally of one type) and drop exactly the keys that changed."""
+        changed = self.store.invalidate_site_keys(site_id, cache_type)
+        self.redis.kill(self.keys.keyset(*key) for key in changed)
+        return sum(changed.values())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def keyset(self, cache_type: str, site_id: int, target_id: str) -> KeySet:
+        """The Redis keys of one cache key (for tools and tests)."""
+        return self.keys.keyset(*self.store.validate_key(cache_type, site_id, target_id))
+
+    def close(self) -> None:
+        """Stop background work; close the pool and client if connect() made them."""
+        self.redis.close()
+        if self._owns_clients:
+            self.store.close()
+            self._redis_client.close()
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,472 @@
+"""Redis front tier: plain GET/MGET on the hit path; leased fills and atomic kills keep it from going stale.
+
+The lease rule (Facebook's memcache leases, extended to writers): a fill is accepted only while the
+lease token taken *before* the filler's PostgreSQL snapshot is still in place, and every change
+deletes the entry and every lease of its key *after* its commit. So a fill that read the database
+before a change either lands before that change's kill (and is removed by it) or finds its lease
+gone and is refused. A lost lease (eviction, FLUSHALL, restart) only ever refuses a fill.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..contracts import DOWN, MISS, Row
+from ..policy.breaker import CircuitBreaker
+from ..policy.entries import NEGATIVE, decode, encode, expires_at_ms
+from ..policy.keys import KeySet, KeySpace
+
+logger = logging.getLogger(__name__)
+
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+_NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+
+# KEYS: entry, history, lease, history_lease. ARGV: channel ('' = silent), message, scope ('all'|'history').
+# allow-oom: a kill only frees memory, and must work when Redis is full.
+KILL = """#!lua flags=allow-oom
+if ARGV[3] == 'history' then
+  redis.call('DEL', KEYS[2], KEYS[4])
+else
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+end
+if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return 1
+"""
+
+# A writer's change: kill everything of the key, then store the new state only if the writer's
+# pre-commit lease survived. ARGV: token, value, mode ('pxat'|'px'), ms, channel, message.
+WRITE_THROUGH = (
+    """#!lua
+local mine = redis.call('GET', KEYS[3]) == ARGV[1]
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local stored = 0
+if mine then
+  if ARGV[3] == 'pxat' then
+    """
+    + _NOW_MS
+    + """
+    if tonumber(ARGV[4]) > now then
+      redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[4])
+      stored = 1
+    end
+  else
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+    stored = 1
+  end
+end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return stored
+"""
+)
+
+# A reader's fill. KEYS: target, lease. ARGV: token, value, mode ('pxat'|'px'), ms, hash field ('' = string).
+FILL = (
+    """#!lua
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if ARGV[3] == 'pxat' then
+  """
+    + _NOW_MS
+    + """
+  if tonumber(ARGV[4]) <= now then return -1 end
+end
+if ARGV[5] == '' then
+  redis.call('SET', KEYS[1], ARGV[2], string.upper(ARGV[3]), ARGV[4])
+else
+  redis.call('HSET', KEYS[1], ARGV[5], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+"""
+)
+
+# Give back a lease that was not used (a finalize that changed nothing).
+RELEASE = """#!lua
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class _Script:
+    """A Lua script and its SHA1, sent with EVALSHA and loaded again on NOSCRIPT."""
+
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        import hashlib
+
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+
+_KILL, _WRITE_THROUGH, _FILL, _RELEASE = (_Script(s) for s in (KILL, WRITE_THROUGH, FILL, RELEASE))
+
+
+@dataclass
+class RedisStats:
+    """Counters of the front tier (approximate under threads: plain increments)."""
+
+    hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    fills_refused: int = 0
+    writes_through: int = 0
+    kills: int = 0
+    errors: int = 0
+    skipped: int = 0
+    pending_kills: int = 0
+
+
+class RedisTier:
+    """The Redis front tier. Every method swallows Redis failures: it answers DOWN, or queues the kill."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        *,
+        negative_ttl: float = 10.0,
+        no_expiry_ttl: float = 3600.0,
+        history_ttl: float = 3600.0,
+        lease_ttl: float = 5.0,
+        breaker: CircuitBreaker | None = None,
+        announce: bool = True,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.negative_ms = int(negative_ttl * 1000)
+        self.no_expiry_ms = int(no_expiry_ttl * 1000)
+        self.history_ms = int(history_ttl * 1000)
+        self.lease_ms = int(lease_ttl * 1000)
+        self.breaker = breaker or CircuitBreaker()
+        self.stats = RedisStats()
+        self.channel = keys.channel if announce else ""
+        # Announcements carry (publisher, sequence) so listeners can see a lost message as a gap.
+        self.publisher = os.urandom(6).hex()
+        self._seq = itertools.count(1)
+        self._publish_lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._token_prefix = self.publisher + "."
+        # Kills that could not reach Redis; applied before this process reads Redis again.
+        self._pending: dict[str, KeySet] = {}
+        self._pending_lock = threading.Lock()
+        self._drainer: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        """A lease token unique across processes."""
+        return self._token_prefix + str(next(self._tokens))
+
+    def _usable(self) -> bool:
+        """Breaker allows a call and no earlier kill is still owed to Redis."""
+        if self._pending and not self.drain_pending():
+            return False
+        if self.breaker.allow():
+            return True
+        self.stats.skipped += 1
+        return False
+
+    def _failed(self, exc: BaseException) -> None:
+        """Record a failure; only outages (not e.g. OOM answers) count toward the breaker."""
+        self.stats.errors += 1
+        if isinstance(exc, _OUTAGE):
+            self.breaker.failure()
+        logger.debug("redis tier: %s: %s", type(exc).__name__, exc)
+
+    def _evalsha(self, client: Any, script: _Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
+        """EVALSHA, loading the script once if Redis lost it (SCRIPT FLUSH, restart)."""
+        keys = tuple(keys)
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(script.text)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+
+    def _run_pipeline(self, commands: list[tuple[_Script | str, tuple[Any, ...]]]) -> list[Any]:
+        """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent."""
+        results = self._send(commands)
+        lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if lost:
+            for script in {commands[i][0] for i in lost if isinstance(commands[i][0], _Script)}:
+                self.client.script_load(script.text)  # type: ignore[union-attr]
+            again = self._send([commands[i] for i in lost])
+            for i, r in zip(lost, again):
+                results[i] = r
+        for r in results:
+            if isinstance(r, _OUTAGE):
+                raise r
+        return results
+
+    def _send(self, commands: list[tuple[_Script | str, tuple[Any, ...]]]) -> list[Any]:
+        """One pipeline, no MULTI (every command is atomic by itself), errors returned in place."""
+        pipe = self.client.pipeline(transaction=False)
+        for command, args in commands:
+            if isinstance(command, _Script):
+                keys, argv = args
+                pipe.evalsha(command.sha, len(keys), *keys, *argv)
+            else:
+                pipe.execute_command(command, *args)
+        return pipe.execute(raise_on_error=False)
+
+    def _message(self, entry_key: str) -> str:
+        """An announcement: publisher, its sequence number, and the entry key that changed."""
+        return f"{self.publisher}:{next(self._seq)}:{entry_key}"
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_entry(self, key: str) -> Any:
+        """The cached row, None for a cached 'no row', MISS, or DOWN."""
+        if not self._usable():
+            return DOWN
+        try:
+            raw = self.client.get(key)
+        except RedisError as exc:
+            self._failed(exc)
+            return DOWN
+        if self.breaker.failures:
+            self.breaker.success()
+        if raw is None:
+            self.stats.misses += 1
+            return MISS
+        self.stats.hits += 1
+        return decode(raw)
+
+    def get_entries(self, keys: list[str]) -> list[Any] | Any:
+        """MGET of many entries: a list of row / None / MISS per key, or DOWN."""
+        if not self._usable():
+            return DOWN
+        try:
+            raws = self.client.mget(keys)
+        except RedisError as exc:
+            self._failed(exc)
+            return DOWN
+        if self.breaker.failures:
+            self.breaker.success()
+        out = [MISS if raw is None else decode(raw) for raw in raws]
+        misses = raws.count(None)
+        self.stats.misses += misses
+        self.stats.hits += len(raws) - misses
+        return out
+
+    def get_history(self, ks: KeySet, limit: int) -> Any:
+        """Cached history rows for this limit, MISS, or DOWN."""
+        if not self._usable():
+            return DOWN
+        try:
+            raw = self.client.hget(ks.history, str(limit))
+        except RedisError as exc:
+            self._failed(exc)
+            return DOWN
+        if raw is None:
+            self.stats.misses += 1
+            return MISS
+        self.stats.hits += 1
+        return decode(raw)
+
+    # -- leases and fills -----------------------------------------------------------------------
+
+    def lease(self, lease_key: str) -> str | None:
+        """Take the fill lease of a missed key before reading PostgreSQL; None if someone holds it or Redis failed."""
+        token = self._token()
+        try:
+            return token if self.client.set(lease_key, token, nx=True, px=self.lease_ms) else None
+        except RedisError as exc:
+            self._failed(exc)
+            return None
+
+    def leases(self, lease_keys: list[str]) -> list[str | None]:
+        """lease() for many keys in one round trip."""
+        tokens = [self._token() for _ in lease_keys]
+        commands = [("SET", (k, t, "NX", "PX", self.lease_ms)) for k, t in zip(lease_keys, tokens)]
+        try:
+            results = self._run_pipeline(commands)  # type: ignore[arg-type]
+        except RedisError as exc:
+            self._failed(exc)
+            return [None] * len(lease_keys)
+        return [t if r is True or r == b"OK" else None for t, r in zip(tokens, results)]
+
+    def _ttl_args(self, row: Row | None) -> tuple[str, int]:
+        """(mode, ms): absolute PXAT at the row's expiry, else a relative cap."""
+        if row is None:
+            return "px", self.negative_ms
+        at = expires_at_ms(row)
+        return ("pxat", at) if at is not None else ("px", self.no_expiry_ms)
+
+    def fill_entry(self, ks: KeySet, token: str, row: Row | None) -> None:
+        """Store what PostgreSQL returned, if the lease taken before reading it still stands."""
+        mode, ms = self._ttl_args(row)
+        value = NEGATIVE if row is None else encode(row)
+        try:
+            done = self._evalsha(self.client, _FILL, (ks.entry, ks.lease), (token, value, mode, ms, ""))
+        except RedisError as exc:
+            self._failed(exc)
+            return
+        self._count_fill(done)
+
+    def fill_entries(self, items: list[tuple[KeySet, str, Row | None]]) -> None:
+        """fill_entry for many keys in one round trip."""
+        commands = []
+        for ks, token, row in items:
+            mode, ms = self._ttl_args(row)
+            value = NEGATIVE if row is None else encode(row)
+            commands.append((_FILL, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
+        try:
+            results = self._run_pipeline(commands)  # type: ignore[arg-type]
+        except RedisError as exc:
+            self._failed(exc)
+            return
+        for done in results:
+            if isinstance(done, RedisError):
+                self.stats.errors += 1
+            else:
+                self._count_fill(done)
+
+    def fill_history(self, ks: KeySet, token: str, limit: int, rows: list[Row]) -> None:
+        """Store a history answer under its limit, if the history lease still stands."""
+        try:
+            done = self._evalsha(
+                self.client, _FILL, (ks.history, ks.history_lease), (token, encode(rows), "px", self.history_ms, str(limit))
+            )
+        except RedisError as exc:
+            self._failed(exc)
+            return
+        self._count_fill(done)
+
+    def _count_fill(self, done: Any) -> None:
+        if done == 1:
+            self.stats.fills += 1
+        else:
+            self.stats.fills_refused += 1
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def lease_for_write(self, ks: KeySet) -> str | None:
+        """A writer's lease, taken before its commit (overwriting readers'); None if Redis is unusable."""
+        if not self._usable():
+            return None
+        token = self._token()
+        try:
+            self.client.set(ks.lease, token, px=self.lease_ms)
+        except RedisError as exc:
+            self._failed(exc)
+            return None
+        return token
+
+    def write_through(self, ks: KeySet, token: str | None, latest: Row | None) -> None:
+        """After a commit: drop every entry and lease of the key and store `latest` if our lease stood."""
+        if token is None or not self._usable():
+            return self._owe_kill(ks)
+        mode, ms = self._ttl_args(latest)
+        value = NEGATIVE if latest is None else encode(latest)
+        try:
+            with self._publish_lock:
+                self._evalsha(
+                    self.client, _WRITE_THROUGH, ks.all, (token, value, mode, ms, self.channel, self._message(ks.entry))
+                )
+            self.stats.writes_through += 1
+        except RedisError as exc:
+            if not isinstance(exc, _OUTAGE):  # e.g. OOM refused the SET: a plain kill still works
+                return self.kill([ks])
+            self._failed(exc)
+            self._owe_kill(ks)
+
+    def kill(self, keysets: Iterable[KeySet], *, history_only: bool = False) -> None:
+        """After a commit: drop every entry (or only the history) and lease of these keys, in one round trip."""
+        keysets = list(keysets)
+        if not keysets:
+            return
+        if not self._usable():
+            for ks in keysets:
+                self._owe_kill(ks)
+            return
+        scope = "history" if history_only else "all"
+        try:
+            with self._publish_lock:
+                self._run_pipeline(
+                    [(_KILL, (ks.all, (self.channel, self._message(ks.entry), scope))) for ks in keysets]
+                )
+            self.stats.kills += len(keysets)
+        except RedisError as exc:
+            self._failed(exc)
+            for ks in keysets:
+                self._owe_kill(ks)
+
+    def release(self, ks: KeySet, token: str | None) -> None:
+        """Give back an unused writer lease so readers may fill again at once."""
+        if token is None:
+            return
+        try:
+            self._evalsha(self.client, _RELEASE, (ks.lease,), (token,))
+        except RedisError as exc:
+            self._failed(exc)
+
+    # -- kills owed to Redis --------------------------------------------------------------------
+
+    def _owe_kill(self, ks: KeySet) -> None:
+        """Remember a kill Redis did not get; this process reads Redis again only after it lands."""
+        with self._pending_lock:
+            self._pending[ks.entry] = ks
+            self.stats.pending_kills = len(self._pending)
+        self._start_drainer()
+
+    def drain_pending(self) -> bool:
+        """Apply owed kills; True when none is left. Removed only after Redis confirmed them."""
+        with self._pending_lock:
+            owed = list(self._pending.values())
+        if not owed or not self.breaker.allow():
+            return not owed
+        try:
+            with self._publish_lock:
+                self._run_pipeline([(_KILL, (ks.all, (self.channel, self._message(ks.entry), "all"))) for ks in owed])
+        except RedisError as exc:
+            self._failed(exc)
+            return False
+        self.breaker.success()
+        with self._pending_lock:
+            for ks in owed:
+                if self._pending.get(ks.entry) is ks:
+                    del self._pending[ks.entry]
+            self.stats.pending_kills = len(self._pending)
+            self.stats.kills += len(owed)
+            return not self._pending
+
+    def _start_drainer(self) -> None:
+        """One background thread retries owed kills, so other processes stop seeing them soon too."""
+        with self._pending_lock:
+            if self._drainer is not None and self._drainer.is_alive():
+                return
+            self._drainer = threading.Thread(target=self._drain_loop, name="tiered_cache-kills", daemon=True)
+            self._drainer.start()
+
+    def _drain_loop(self) -> None:
+        delay = 0.02
+        while not self._closed.is_set():
+            if self.drain_pending():
+                return
+            self._closed.wait(delay)
+            delay = min(delay * 2, 1.0)
+
+    @property
+    def pending(self) -> int:
+        """How many kills are owed to Redis."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Stop the background drainer (owed kills are tried once more first)."""
+        self.drain_pending()
+        self._closed.set()
