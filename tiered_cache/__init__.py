@@ -8,6 +8,7 @@ from .errors import (
     TierUnavailable,
     TieredCacheError,
 )
+from .facade import TieredCache, redis_client
 from .migrate import migrate
 from .policy.expiry import DEFAULT_EXPIRY_DAYS, ExpiryPolicy
 from .policy.validation import Limits
@@ -24,6 +25,8 @@ __all__ = [
     "StoreUnavailable",
     "SweepReport",
     "TierUnavailable",
+    "TieredCache",
     "TieredCacheError",
     "migrate",
+    "redis_client",
 ]

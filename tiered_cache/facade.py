@@ -11,10 +11,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Row
 from .errors import ConfigurationError
 from .policy.breaker import CircuitBreaker
+from .policy.entries import decode, encode_entry
 from .policy.keys import KeySet, KeySpace
+from .relay import Relay
+from .tiers.near import NearTier
 from .tiers.postgres import PostgresStore
 from .tiers.redis import RedisTier
 
@@ -55,6 +59,10 @@ class TieredCache:
         lease_ttl: float = 5.0,
         breaker_threshold: int = 2,
         breaker_reset: float = 1.0,
+        near_max_entries: int = 0,
+        near_max_bytes: int = 64 << 20,
+        near_max_age: float = 2.0,
+        relay: bool = False,
         owns_clients: bool = False,
     ) -> None:
         for option, value in (("negative_ttl", negative_ttl), ("no_expiry_ttl", no_expiry_ttl),
@@ -74,6 +82,12 @@ class TieredCache:
         )
         self._owns_clients = owns_clients
         self._redis_client = redis_client
+        self.near: NearTier | None = None
+        self.listener: CoherenceListener | None = None
+        if near_max_entries:
+            self.near = NearTier(max_entries=near_max_entries, max_bytes=near_max_bytes, max_age=near_max_age)
+            self.listener = CoherenceListener(redis_client, self.keys.channel, self.near).start()
+        self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05, **options: Any) -> TieredCache:
@@ -89,42 +103,80 @@ class TieredCache:
     # -- reads ----------------------------------------------------------------------------------
 
     def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
-        """The newest servable row of a key: Redis first, PostgreSQL on a miss (then filled under a lease)."""
+        """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
         key = self.store.validate_key(cache_type, site_id, target_id)
         entry = self.keys.entry(*key)
-        cached = self.redis.get_entry(entry)
-        if cached is not MISS and cached is not DOWN:
-            return cached
-        ks = self.keys.keyset(*key) if cached is MISS else None
+        near = self.near
+        if near is not None:
+            found = near.get(entry)
+            if found is not MISS:
+                return found
+            epoch = near.epoch  # read before Redis: a change announced after this forbids the put
+        raw = self.redis.get_raw(entry)
+        if raw is not MISS and raw is not DOWN:
+            row = decode(raw)
+            if near is not None:
+                near.put(entry, raw, row, epoch)
+            return row
+        ks = self.keys.keyset(*key) if raw is MISS else None
         token = self.redis.lease(ks.lease) if ks is not None else None
         row = self.store.get_latest(*key)
-        if token is not None:
-            self.redis.fill_entry(ks, token, row)  # type: ignore[arg-type]
+        if token is not None or near is not None:
+            value = encode_entry(row)
+            if token is not None:
+                self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
+            if near is not None and raw is not DOWN:
+                near.put(entry, value, row, epoch)
         return row
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
-        """get_latest for many targets: one MGET, one PostgreSQL query for all misses, one round trip to fill."""
+        """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
         ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
         if not ids:
             return {}
-        cached = self.redis.get_entries([self.keys.entry(ct, site, t) for t in ids])
-        if cached is DOWN:
-            return self.store.fetch_many(ct, site, ids)
+        entries = [self.keys.entry(ct, site, t) for t in ids]
         found: dict[str, Row | None] = {}
-        missing: list[str] = []
-        for target, value in zip(ids, cached):
-            if value is MISS:
-                missing.append(target)
-            found[target] = value
+        near = self.near
+        if near is not None:
+            epoch = near.epoch
+            ask = []
+            for target, entry in zip(ids, entries):
+                value = near.get(entry)
+                if value is MISS:
+                    ask.append((target, entry))
+                else:
+                    found[target] = value
+            if not ask:
+                return found
+        else:
+            ask = list(zip(ids, entries))
+        raws = self.redis.get_raws([entry for _, entry in ask])
+        if raws is DOWN:
+            found.update(self.store.fetch_many(ct, site, [t for t, _ in ask]))
+            return {t: found[t] for t in ids}
+        missing: list[tuple[str, str]] = []
+        for (target, entry), raw in zip(ask, raws):
+            if raw is MISS:
+                missing.append((target, entry))
+                continue
+            row = found[target] = decode(raw)
+            if near is not None:
+                near.put(entry, raw, row, epoch)
         if missing:
-            keysets = [self.keys.keyset(ct, site, t) for t in missing]
+            keysets = [self.keys.keyset(ct, site, t) for t, _ in missing]
             tokens = self.redis.leases([ks.lease for ks in keysets])
-            rows = self.store.fetch_many(ct, site, missing)
-            found.update(rows)
-            fills = [(ks, tok, rows[t]) for ks, tok, t in zip(keysets, tokens, missing) if tok is not None]
+            rows = self.store.fetch_many(ct, site, [t for t, _ in missing])
+            fills = []
+            for (target, entry), ks, token in zip(missing, keysets, tokens):
+                row = found[target] = rows[target]
+                value = encode_entry(row)
+                if token is not None:
+                    fills.append((ks, token, value, row))
+                if near is not None:
+                    near.put(entry, value, row, epoch)
             if fills:
                 self.redis.fill_entries(fills)
-        return found
+        return {t: found[t] for t in ids}
 
     def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
         """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
@@ -160,8 +212,10 @@ class TieredCache:
             outcome = self.store.write(params)
         except BaseException:
             self.redis.kill([ks])  # the commit may have happened before the failure
+            self._evict_near(ks)
             raise
         self.redis.write_through(ks, token, outcome.latest)
+        self._evict_near(ks)
         return outcome.id  # type: ignore[return-value]
 
     def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
@@ -191,9 +245,11 @@ class TieredCache:
             outcome = self.store.finalize(params)
         except BaseException:
             self.redis.kill([ks])
+            self._evict_near(ks)
             raise
         if outcome.changed:
             self.redis.write_through(ks, token, outcome.latest)
+            self._evict_near(ks)
         else:
             self.redis.release(ks, token)
         return outcome.changed
@@ -207,15 +263,25 @@ class TieredCache:
             count = self.store.invalidate_key(dict(zip(("cache_type", "site_id", "target_id"), key)))
         except BaseException:
             self.redis.kill([ks])
+            self._evict_near(ks)
             raise
         self.redis.write_through(ks, token, None)
+        self._evict_near(ks)
         return count
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Invalidate a venue's valid rows (optionally of one type) and drop exactly the keys that changed."""
         changed = self.store.invalidate_site_keys(site_id, cache_type)
-        self.redis.kill(self.keys.keyset(*key) for key in changed)
+        keysets = [self.keys.keyset(*key) for key in changed]
+        self.redis.kill(keysets)
+        for ks in keysets:
+            self._evict_near(ks)
         return sum(changed.values())
+
+    def _evict_near(self, ks: KeySet) -> None:
+        """Read-your-writes in this process at once, without waiting for our own announcement."""
+        if self.near is not None:
+            self.near.evict(ks.entry)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -223,8 +289,26 @@ class TieredCache:
         """The Redis keys of one cache key (for tools and tests)."""
         return self.keys.keyset(*self.store.validate_key(cache_type, site_id, target_id))
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters of every tier and background worker, for metrics export."""
+        from dataclasses import asdict
+
+        out = {"redis": asdict(self.redis.stats)}
+        out["redis"]["breaker_trips"] = self.redis.breaker.trips
+        if self.near is not None:
+            out["near"] = {**asdict(self.near.stats), "entries": len(self.near), "bytes": self.near.size_bytes}
+        if self.listener is not None:
+            out["listener"] = asdict(self.listener.stats)
+        if self.relay is not None:
+            out["relay"] = asdict(self.relay.stats)
+        return out
+
     def close(self) -> None:
         """Stop background work; close the pool and client if connect() made them."""
+        if self.relay is not None:
+            self.relay.stop()
+        if self.listener is not None:
+            self.listener.stop()
         self.redis.close()
         if self._owns_clients:
             self.store.close()

@@ -23,3 +23,8 @@ def expires_at_ms(row: dict[str, Any] | None) -> int | None:
     if row is None or row["expires_at"] is None:
         return None
     return (datetime.fromisoformat(row["expires_at"]) - _EPOCH) // _MS
+
+
+def encode_entry(row: dict[str, Any] | None) -> bytes:
+    """A get_latest answer as stored in Redis and in the near tier."""
+    return NEGATIVE if row is None else encode(row)

@@ -62,6 +62,7 @@ class PostgresStore:
         connect_timeout: int = 3,
         open: bool = True,
     ) -> None:
+        self.dsn = dsn
         self.policy = policy or ExpiryPolicy()
         self.clock = clock
         self.limits = limits

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..contracts import DOWN, MISS, Row
 from ..policy.breaker import CircuitBreaker
-from ..policy.entries import NEGATIVE, decode, encode, expires_at_ms
+from ..policy.entries import decode, encode, encode_entry, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,8 @@ class RedisTier:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def get_entry(self, key: str) -> Any:
-        """The cached row, None for a cached 'no row', MISS, or DOWN."""
+    def get_raw(self, key: str) -> Any:
+        """The encoded entry (a row, or NEGATIVE for a cached 'no row'), MISS, or DOWN."""
         if not self._usable():
             return DOWN
         try:
@@ -244,10 +244,10 @@ class RedisTier:
             self.stats.misses += 1
             return MISS
         self.stats.hits += 1
-        return decode(raw)
+        return raw
 
-    def get_entries(self, keys: list[str]) -> list[Any] | Any:
-        """MGET of many entries: a list of row / None / MISS per key, or DOWN."""
+    def get_raws(self, keys: list[str]) -> Any:
+        """MGET of many entries: a list of encoded entry or MISS per key, or DOWN."""
         if not self._usable():
             return DOWN
         try:
@@ -257,11 +257,10 @@ class RedisTier:
             return DOWN
         if self.breaker.failures:
             self.breaker.success()
-        out = [MISS if raw is None else decode(raw) for raw in raws]
         misses = raws.count(None)
         self.stats.misses += misses
         self.stats.hits += len(raws) - misses
-        return out
+        return [MISS if raw is None else raw for raw in raws] if misses else raws
 
     def get_history(self, ks: KeySet, limit: int) -> Any:
         """Cached history rows for this limit, MISS, or DOWN."""
@@ -307,10 +306,9 @@ class RedisTier:
         at = expires_at_ms(row)
         return ("pxat", at) if at is not None else ("px", self.no_expiry_ms)
 
-    def fill_entry(self, ks: KeySet, token: str, row: Row | None) -> None:
-        """Store what PostgreSQL returned, if the lease taken before reading it still stands."""
+    def fill_entry(self, ks: KeySet, token: str, value: bytes, row: Row | None) -> None:
+        """Store what PostgreSQL returned (`value` is `row` encoded), if the lease taken before reading it still stands."""
         mode, ms = self._ttl_args(row)
-        value = NEGATIVE if row is None else encode(row)
         try:
             done = self._evalsha(self.client, _FILL, (ks.entry, ks.lease), (token, value, mode, ms, ""))
         except RedisError as exc:
@@ -318,12 +316,11 @@ class RedisTier:
             return
         self._count_fill(done)
 
-    def fill_entries(self, items: list[tuple[KeySet, str, Row | None]]) -> None:
+    def fill_entries(self, items: list[tuple[KeySet, str, bytes, Row | None]]) -> None:
         """fill_entry for many keys in one round trip."""
         commands = []
-        for ks, token, row in items:
+        for ks, token, value, row in items:
             mode, ms = self._ttl_args(row)
-            value = NEGATIVE if row is None else encode(row)
             commands.append((_FILL, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
         try:
             results = self._run_pipeline(commands)  # type: ignore[arg-type]
@@ -372,7 +369,7 @@ class RedisTier:
         if token is None or not self._usable():
             return self._owe_kill(ks)
         mode, ms = self._ttl_args(latest)
-        value = NEGATIVE if latest is None else encode(latest)
+        value = encode_entry(latest)
         try:
             with self._publish_lock:
                 self._evalsha(
@@ -386,7 +383,7 @@ class RedisTier:
             self._owe_kill(ks)
 
     def kill(self, keysets: Iterable[KeySet], *, history_only: bool = False) -> None:
-        """After a commit: drop every entry (or only the history) and lease of these keys, in one round trip."""
+        """After a commit: drop every entry (or only the history) and lease of these keys; owed if Redis fails."""
         keysets = list(keysets)
         if not keysets:
             return
@@ -394,17 +391,48 @@ class RedisTier:
             for ks in keysets:
                 self._owe_kill(ks)
             return
+        try:
+            self.kill_or_raise(keysets, history_only=history_only)
+        except RedisError:
+            for ks in keysets:
+                self._owe_kill(ks)
+
+    def kill_or_raise(self, keysets: list[KeySet], *, history_only: bool = False) -> None:
+        """kill() in one round trip that raises on failure, for callers that keep the work (the relay)."""
         scope = "history" if history_only else "all"
         try:
             with self._publish_lock:
                 self._run_pipeline(
                     [(_KILL, (ks.all, (self.channel, self._message(ks.entry), scope))) for ks in keysets]
                 )
-            self.stats.kills += len(keysets)
         except RedisError as exc:
             self._failed(exc)
-            for ks in keysets:
-                self._owe_kill(ks)
+            raise
+        self.stats.kills += len(keysets)
+
+    def flush_namespace(self) -> int:
+        """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure.
+
+        Two passes: a lease the first pass missed was consumed during it, so its entry exists for the second.
+        """
+        deleted = 0
+        try:
+            for _ in range(2):
+                batch: list[bytes] = []
+                for key in self.client.scan_iter(match=self.keys.namespace + ":*", count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        deleted += self.client.unlink(*batch)
+                        batch.clear()
+                if batch:
+                    deleted += self.client.unlink(*batch)
+            if self.channel:
+                with self._publish_lock:
+                    self.client.publish(self.channel, self._message("*"))
+        except RedisError as exc:
+            self._failed(exc)
+            raise
+        return deleted
 
     def release(self, ks: KeySet, token: str | None) -> None:
         """Give back an unused writer lease so readers may fill again at once."""
@@ -431,10 +459,8 @@ class RedisTier:
         if not owed or not self.breaker.allow():
             return not owed
         try:
-            with self._publish_lock:
-                self._run_pipeline([(_KILL, (ks.all, (self.channel, self._message(ks.entry), "all"))) for ks in owed])
-        except RedisError as exc:
-            self._failed(exc)
+            self.kill_or_raise(owed)
+        except RedisError:
             return False
         self.breaker.success()
         with self._pending_lock:
@@ -442,7 +468,6 @@ class RedisTier:
                 if self._pending.get(ks.entry) is ks:
                     del self._pending[ks.entry]
             self.stats.pending_kills = len(self._pending)
-            self.stats.kills += len(owed)
             return not self._pending
 
     def _start_drainer(self) -> None:

@@ -1,0 +1,102 @@
+"""The `tiered-cache` command: demo, migrate, sweep, bench, on the servers named or on embedded ones."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def _servers(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """The DSN and Redis URL from flags or environment, else throwaway embedded servers."""
+    if args.dsn:
+        os.environ["TIERED_CACHE_DSN"] = args.dsn
+    if args.redis_url:
+        os.environ["TIERED_CACHE_REDIS_URL"] = args.redis_url
+    from .testing import embedded_servers
+
+    with embedded_servers() as (dsn, url):
+        yield dsn, url
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import TieredCache, migrate
+    from .demo import play
+
+    with _servers(args) as (dsn, url):
+        print(f"PostgreSQL: {_redact(dsn)}\nRedis: {url}")
+        applied = migrate(dsn)
+        print(f"migrations applied: {applied or 'none (already current)'}")
+        with TieredCache.connect(dsn, url) as cache:
+            play(cache)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from . import migrate
+
+    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    if not dsn:
+        print("tiered-cache migrate: give --dsn or set TIERED_CACHE_DSN", file=sys.stderr)
+        return 2
+    applied = migrate(dsn)
+    print(f"applied: {', '.join(applied)}" if applied else "schema already current")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import PostgresStore
+
+    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    if not dsn:
+        print("tiered-cache sweep: give --dsn or set TIERED_CACHE_DSN", file=sys.stderr)
+        return 2
+    with PostgresStore(dsn, retention=args.retention) as store:
+        print(store.sweep())
+    return 0
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main as bench_main
+
+    if args.dsn:
+        os.environ["TIERED_CACHE_DSN"] = args.dsn
+    if args.redis_url:
+        os.environ["TIERED_CACHE_REDIS_URL"] = args.redis_url
+    return bench_main(rest)
+
+
+def _redact(dsn: str) -> str:
+    """Hide a password in a DSN before printing it."""
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", dsn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = argparse.ArgumentParser(prog="tiered-cache", description=__doc__)
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $TIERED_CACHE_DSN, else an embedded server)")
+    parser.add_argument("--redis-url", help="Redis URL (default: $TIERED_CACHE_REDIS_URL, else an embedded server)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="play a short product scene through TieredCache and print each step")
+    sub.add_parser("migrate", help="bring the schema to the newest version")
+    sweep = sub.add_parser("sweep", help="expire rows, reclaim abandoned placeholders, apply retention")
+    sweep.add_argument("--retention", type=int, default=20_000, help="rows kept per (cache_type, site_id)")
+    sub.add_parser("bench", help="the benchmark (its own flags follow; try: bench --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return _bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"demo": _demo, "migrate": _migrate, "sweep": _sweep}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

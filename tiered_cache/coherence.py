@@ -1,0 +1,121 @@
+"""Keeps every process's near tier coherent: evict on each announced change, flush on any doubt."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from .tiers.near import NearTier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ListenerStats:
+    """What the listener saw."""
+
+    messages: int = 0
+    gaps: int = 0
+    reconnects: int = 0
+    restarts_seen: int = 0
+
+
+class CoherenceListener:
+    """Subscribes to the change channel; a gap in a publisher's sequence, a lost connection or a new Redis run id flushes."""
+
+    def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2) -> None:
+        source = client.connection_pool
+        kwargs = dict(source.connection_kwargs)
+        kwargs["socket_timeout"] = max(1.0, poll * 5)  # a pub/sub read waits for messages, not for an answer
+        pool = redis.ConnectionPool(connection_class=source.connection_class, max_connections=2, **kwargs)
+        self._client = redis.Redis(connection_pool=pool)
+        self.channel = channel
+        self.near = near
+        self.poll = poll
+        self.stats = ListenerStats()
+        self._last_seq: dict[str, int] = {}
+        self._run_id: str | None = None
+        self._stop = threading.Event()
+        self._pubsub: Any = None
+        self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
+        self.subscribed = threading.Event()
+
+    def start(self) -> CoherenceListener:
+        self._thread.start()
+        return self
+
+    def _subscribe(self) -> None:
+        """Connect, note Redis's run id, subscribe; the near tier turns on only after the confirmation."""
+        run_id = self._client.info("server").get("run_id")
+        if self._run_id is not None and run_id != self._run_id:
+            self.stats.restarts_seen += 1
+        self._run_id = run_id
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub.subscribe(self.channel)
+        while not self._stop.is_set():
+            msg = self._pubsub.get_message(timeout=self.poll)
+            if msg and msg["type"] == "subscribe":
+                break
+        # Anything announced before this point may have been missed: start from empty.
+        self._last_seq.clear()
+        self.near.flush()
+        self.near.active = True
+        self.subscribed.set()
+
+    def _lost(self) -> None:
+        """The listener cannot vouch for the near tier any more: switch it off and empty it."""
+        self.near.active = False
+        self.subscribed.clear()
+        self.near.flush()
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:  # a broken connection may fail to close; it is dropped either way
+                pass
+            self._pubsub = None
+
+    def handle(self, data: bytes | str) -> None:
+        """Apply one announcement 'publisher:seq:entry_key' ('*' as the key flushes everything)."""
+        text = data.decode() if isinstance(data, bytes) else data
+        publisher, seq_text, key = text.split(":", 2)
+        seq = int(seq_text)
+        self.stats.messages += 1
+        last = self._last_seq.get(publisher)
+        self._last_seq[publisher] = seq
+        if last is not None and seq != last + 1:
+            self.stats.gaps += 1
+            self.near.flush()
+        elif key == "*":
+            self.near.flush()
+        else:
+            self.near.evict(key)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                if self._pubsub is None:
+                    self._subscribe()
+                    backoff = 0.05
+                msg = self._pubsub.get_message(timeout=self.poll)
+                if msg and msg["type"] == "message":
+                    self.handle(msg["data"])
+            except (RedisError, OSError, ValueError) as exc:
+                self.stats.reconnects += 1
+                logger.info("coherence listener: %s: %s; near tier flushed and off until resubscribed", type(exc).__name__, exc)
+                self._lost()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+        self._lost()
+
+    def stop(self) -> None:
+        """Stop listening; the near tier is switched off."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.poll * 5 + 1)
+        self._client.close()
