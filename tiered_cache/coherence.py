@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .tiers.near import NearTier
@@ -28,7 +30,7 @@ class ListenerStats:
 class CoherenceListener:
     """Subscribes to the change channel; a gap in a publisher's sequence, a lost connection or a new Redis run id flushes."""
 
-    def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2) -> None:
+    def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0) -> None:
         source = client.connection_pool
         kwargs = dict(source.connection_kwargs)
         kwargs["socket_timeout"] = max(1.0, poll * 5)  # a pub/sub read waits for messages, not for an answer
@@ -37,6 +39,10 @@ class CoherenceListener:
         self.channel = channel
         self.near = near
         self.poll = poll
+        # A silently dead link (no RST) delivers nothing: a PING unanswered for 3 intervals counts as lost.
+        self.health = health
+        self._last_heard = 0.0
+        self._last_ping = 0.0
         self.stats = ListenerStats()
         self._last_seq: dict[str, int] = {}
         self._run_id: str | None = None
@@ -61,6 +67,7 @@ class CoherenceListener:
             msg = self._pubsub.get_message(timeout=self.poll)
             if msg and msg["type"] == "subscribe":
                 break
+        self._last_heard = self._last_ping = time.monotonic()
         # Anything announced before this point may have been missed: start from empty.
         self._last_seq.clear()
         self.near.flush()
@@ -103,8 +110,16 @@ class CoherenceListener:
                     self._subscribe()
                     backoff = 0.05
                 msg = self._pubsub.get_message(timeout=self.poll)
-                if msg and msg["type"] == "message":
-                    self.handle(msg["data"])
+                now = time.monotonic()
+                if msg:
+                    self._last_heard = now
+                    if msg["type"] == "message":
+                        self.handle(msg["data"])
+                if now - self._last_ping >= self.health:
+                    self._last_ping = now
+                    self._pubsub.ping()
+                if now - self._last_heard > 3 * self.health + self.poll:
+                    raise RedisConnectionError(f"no answer on the change channel for {now - self._last_heard:.1f} s")
             except (RedisError, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
                 logger.info("coherence listener: %s: %s; near tier flushed and off until resubscribed", type(exc).__name__, exc)
