@@ -80,12 +80,17 @@ def store(dsn: str) -> Iterator[PostgresStore]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Say which server binaries the run uses, as psycopg's suite does."""
+    import subprocess
+
     from tiered_cache import testing
 
     lines = []
     try:
-        lines.append(f"postgresql: {testing.postgres_version()}")
-        lines.append(f"redis: {testing.redis_version()}")
+        pg = testing.find_postgres_bin_dir() / "postgres"
+        rd = testing.find_redis_server()
+        for label, binary in (("postgresql", pg), ("redis", rd)):
+            version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
+            lines.append(f"{label}: {version.strip()} ({binary})")
     except Exception as exc:  # the header must never stop the run; the fixtures report the real error
         lines.append(f"servers: {exc}")
     if os.environ.get("TIERED_CACHE_EMBEDDED_ONLY"):

@@ -36,12 +36,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dsn(args: argparse.Namespace, what: str) -> str | None:
+    """The DSN from the flag or the environment; maintenance commands never start a throwaway server."""
+    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    if not dsn:
+        print(f"tiered-cache {what}: give --dsn or set TIERED_CACHE_DSN", file=sys.stderr)
+    return dsn
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from . import migrate
 
-    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    dsn = _dsn(args, "migrate")
     if not dsn:
-        print("tiered-cache migrate: give --dsn or set TIERED_CACHE_DSN", file=sys.stderr)
         return 2
     applied = migrate(dsn)
     print(f"applied: {', '.join(applied)}" if applied else "schema already current")
@@ -51,9 +58,8 @@ def _migrate(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from . import PostgresStore
 
-    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    dsn = _dsn(args, "sweep")
     if not dsn:
-        print("tiered-cache sweep: give --dsn or set TIERED_CACHE_DSN", file=sys.stderr)
         return 2
     with PostgresStore(dsn, retention=args.retention) as store:
         print(store.sweep())
@@ -62,13 +68,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _need(args: argparse.Namespace, what: str) -> tuple[str, str] | None:
     """DSN and Redis URL from flags or environment; a deployed worker must name its servers."""
-    dsn = args.dsn or os.environ.get("TIERED_CACHE_DSN")
+    dsn = _dsn(args, what)
     url = args.redis_url or os.environ.get("TIERED_CACHE_REDIS_URL")
-    if not dsn or not url:
-        print(f"tiered-cache {what}: give --dsn and --redis-url or set TIERED_CACHE_DSN and TIERED_CACHE_REDIS_URL",
-              file=sys.stderr)
-        return None
-    return dsn, url
+    if not url:
+        print(f"tiered-cache {what}: give --redis-url or set TIERED_CACHE_REDIS_URL", file=sys.stderr)
+    return (dsn, url) if dsn and url else None
 
 
 def _relay(args: argparse.Namespace) -> int:

@@ -25,7 +25,10 @@ from .tiers.redis import RedisTier
 logger = logging.getLogger(__name__)
 
 _STORE_OPTIONS = frozenset(
-    {"policy", "clock", "limits", "retention", "generating_timeout", "min_size", "max_size", "pool_timeout", "connect_timeout"}
+    {
+        "policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
+        "min_size", "max_size", "pool_timeout", "connect_timeout",
+    }
 )
 
 

@@ -103,6 +103,12 @@ WHERE id IN (
 )
 """
 
+# An outbox nobody relays must not grow forever; a relay keeps it near empty anyway.
+PRUNE_OUTBOX = """
+DELETE FROM biz.ai_cache_changes
+WHERE seq IN (SELECT seq FROM biz.ai_cache_changes WHERE changed_at < now() - %(age)s LIMIT %(batch)s)
+"""
+
 CLAIM_DIRTY_GROUPS = """
 DELETE FROM biz.ai_cache_retention_dirty
 WHERE (cache_type, site_id) IN (

@@ -42,6 +42,7 @@ class SweepReport:
     reclaimed: int
     deleted: int
     groups: int
+    outbox_pruned: int = 0
 
 
 class PostgresStore:
@@ -56,6 +57,7 @@ class PostgresStore:
         limits: check.Limits = check.DEFAULT_LIMITS,
         retention: int = 20_000,
         generating_timeout: timedelta = timedelta(minutes=30),
+        outbox_retention: timedelta = timedelta(hours=24),
         min_size: int = 1,
         max_size: int = 10,
         pool_timeout: float = 3.0,
@@ -70,6 +72,7 @@ class PostgresStore:
         if not isinstance(generating_timeout, timedelta) or generating_timeout <= timedelta(0):
             raise InvalidInput("generating_timeout", "expected a positive timedelta")
         self.generating_timeout = generating_timeout
+        self.outbox_retention = outbox_retention
         self.pool_timeout = pool_timeout
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
@@ -308,7 +311,7 @@ class PostgresStore:
     # -- maintenance ----------------------------------------------------------------------------
 
     def sweep(self, *, batch: int = 5000, max_groups: int = 1000) -> SweepReport:
-        """Mark expired rows 'expired', reclaim abandoned placeholders, apply retention to groups written since."""
+        """Expire rows, reclaim abandoned placeholders, apply retention to groups written since, bound the outbox."""
         expired = self._drain(_sql.SWEEP_EXPIRED, {"batch": batch})
         reclaimed = self._drain(_sql.SWEEP_GENERATING, {"batch": batch, "timeout": self.generating_timeout})
         groups, _ = self._write(_sql.CLAIM_DIRTY_GROUPS, {"groups": max_groups})
@@ -322,7 +325,10 @@ class PostgresStore:
                 "batch": batch,
             }
             deleted += self._drain(_sql.RETENTION, params)
-        return SweepReport(expired, reclaimed, deleted, len(groups))
+        pruned = self._drain(_sql.PRUNE_OUTBOX, {"batch": batch, "age": self.outbox_retention})
+        if pruned:
+            logger.warning("sweep: pruned %d outbox rows older than %s: is a relay running?", pruned, self.outbox_retention)
+        return SweepReport(expired, reclaimed, deleted, len(groups), pruned)
 
     def _drain(self, sql: str, params: dict[str, Any]) -> int:
         """Repeat a batched statement until a batch comes back short."""
