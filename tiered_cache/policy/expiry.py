@@ -44,7 +44,7 @@ class ExpiryPolicy:
     def __post_init__(self) -> None:
         try:
             tz = ZoneInfo(self.zone)
-        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, TypeError, OSError) as exc:  # OSError: a folder, a long name
             raise ConfigurationError(f"zone: unknown time zone {self.zone!r}") from exc
         for cache_type, days in self.days_by_type.items():
             if isinstance(days, bool) or not isinstance(days, int) or days < 0:
@@ -71,4 +71,4 @@ class ExpiryPolicy:
             next_day = local.date() + timedelta(days=1)
             midnight = datetime(next_day.year, next_day.month, next_day.day, tzinfo=self.tzinfo)
             return midnight.astimezone(timezone.utc)
-        return (now + timedelta(days=days)).astimezone(timezone.utc)
+        return now.astimezone(timezone.utc) + timedelta(days=days)  # elapsed days, whatever zone `now` is in

@@ -90,31 +90,51 @@ def optional_aware_datetime(field: str, value: object) -> datetime | None:
     return value
 
 
-def _has_non_finite(value: Any) -> bool:
-    """True if a float NaN or infinity hides anywhere in value (orjson would write it as null)."""
+_MAX_DEPTH = 200  # orjson's own limit is 254; fail with our message first
+
+
+def _json_problem(value: Any, depth: int = 0) -> str | None:
+    """What makes value unfit for jsonb, or None: one pass, exact JSON types only, so what is read back is what was written."""
+    if value is None or value is True or value is False or isinstance(value, int):
+        return None
+    if isinstance(value, str):
+        return "contains a NUL character, which PostgreSQL jsonb rejects" if "\x00" in value else None
     if isinstance(value, float):
-        return not math.isfinite(value)
+        return None if math.isfinite(value) else "contains NaN or infinity, which JSON cannot represent"
+    if depth >= _MAX_DEPTH:
+        return f"nested deeper than {_MAX_DEPTH} levels"
     if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"has a non-string object key {key!r}"
+            if "\x00" in key:
+                return "contains a NUL character, which PostgreSQL jsonb rejects"
+            problem = _json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
     if isinstance(value, (list, tuple)):
-        return any(_has_non_finite(v) for v in value)
-    return False
+        for item in value:
+            problem = _json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"not JSON: a {type(value).__name__} value"
 
 
 def result_json(value: object, max_bytes: int) -> str:
     """A JSON object that PostgreSQL jsonb can hold exactly; returns its text for the INSERT."""
     if not isinstance(value, dict):
         raise InvalidInput("result_json", f"expected a dict (a JSON object), got {type(value).__name__}")
+    problem = _json_problem(value)
+    if problem:
+        raise InvalidInput("result_json", problem)
     try:
         encoded = orjson.dumps(value)
-    except TypeError as exc:  # non-str keys, sets, objects, ints over 64 bits, recursion
+    except TypeError as exc:  # ints over 64 bits
         raise InvalidInput("result_json", f"not JSON: {exc}") from exc
-    if b"null" in encoded and _has_non_finite(value):
-        raise InvalidInput("result_json", "contains NaN or infinity, which JSON cannot represent")
     if len(encoded) > max_bytes:
         raise InvalidInput("result_json", f"{len(encoded)} bytes encoded, over the limit of {max_bytes}")
-    if b"\\u0000" in encoded:
-        raise InvalidInput("result_json", "contains a NUL character, which PostgreSQL jsonb rejects")
     return encoded.decode()
 
 

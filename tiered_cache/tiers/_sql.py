@@ -128,7 +128,7 @@ WITH cutoff AS (
     SELECT a.id FROM biz.ai_cache a, cutoff c
     WHERE a.cache_type = %(cache_type)s AND a.site_id = %(site_id)s
       AND (a.created_at, a.id) <= (c.created_at, c.id)
-      AND NOT (a.status = 'generating' AND a.created_at > now() - %(generating_timeout)s)
+      AND NOT (a.status IS NOT DISTINCT FROM 'generating' AND a.created_at > now() - %(generating_timeout)s)
       AND NOT ({_A_SERVABLE} AND NOT EXISTS (
             SELECT 1 FROM biz.ai_cache b
             WHERE b.cache_type = a.cache_type AND b.site_id = a.site_id AND b.target_id = a.target_id

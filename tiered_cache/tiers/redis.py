@@ -33,9 +33,12 @@ _OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
+# No shebang flags on any script: they need Redis 7, and the embedded fallback is 6.2. Without them a
+# script runs when Redis is full and only a memory-growing command inside it (SET) is refused, so a
+# kill (DEL, PUBLISH) always works.
+
 # KEYS: entry, history, lease, history_lease. ARGV: channel ('' = silent), message, scope ('all'|'history').
-# allow-oom: a kill only frees memory, and must work when Redis is full.
-KILL = """#!lua flags=allow-oom
+KILL = """
 if ARGV[3] == 'history' then
   redis.call('DEL', KEYS[2], KEYS[4])
 else
@@ -48,7 +51,7 @@ return 1
 # A writer's change: kill everything of the key, then store the new state only if the writer's
 # pre-commit lease survived. ARGV: token, value, mode ('pxat'|'px'), ms, channel, message.
 WRITE_THROUGH = (
-    """#!lua
+    """
 local mine = redis.call('GET', KEYS[3]) == ARGV[1]
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local stored = 0
@@ -73,7 +76,7 @@ return stored
 
 # A reader's fill. KEYS: target, lease. ARGV: token, value, mode ('pxat'|'px'), ms, hash field ('' = string).
 FILL = (
-    """#!lua
+    """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
 if ARGV[3] == 'pxat' then
@@ -93,7 +96,7 @@ return 1
 )
 
 # Give back a lease that was not used (a finalize that changed nothing).
-RELEASE = """#!lua
+RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
