@@ -12,7 +12,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .coherence import CoherenceListener
-from .contracts import DOWN, MISS, Row
+from .contracts import DOWN, MISS, Key, Row
 from .errors import ConfigurationError
 from .policy.breaker import CircuitBreaker
 from .policy.entries import decode, encode_entry
@@ -23,6 +23,8 @@ from .tiers.postgres import PostgresStore
 from .tiers.redis import RedisTier
 
 logger = logging.getLogger(__name__)
+
+_ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
 
 _STORE_OPTIONS = frozenset(
     {
@@ -84,6 +86,7 @@ class TieredCache:
             breaker=CircuitBreaker(breaker_threshold, breaker_reset),
         )
         self._owns_clients = owns_clients
+        self._entries: dict[Key, str] = {}
         self._redis_client = redis_client
         self.near: NearTier | None = None
         self.listener: CoherenceListener | None = None
@@ -105,10 +108,38 @@ class TieredCache:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
-        """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
+    def _entry(self, cache_type: object, site_id: object, target_id: object) -> tuple[Key, str]:
+        """The validated key and its entry key; memoized for exact str/int/str, so a hot key costs a dict lookup."""
+        if type(site_id) is int and type(cache_type) is str and type(target_id) is str:
+            key = (cache_type, site_id, target_id)
+            entry = self._entries.get(key)
+            if entry is not None:
+                return key, entry
         key = self.store.validate_key(cache_type, site_id, target_id)
         entry = self.keys.entry(*key)
+        if len(self._entries) >= _ENTRY_MEMO:
+            self._entries.clear()
+        self._entries[key] = entry
+        return key, entry
+
+    def _entries_many(
+        self, cache_type: object, site_id: object, target_ids: object
+    ) -> tuple[str, int, list[str], list[str]]:
+        """get_many's validated arguments and entry keys; a board page of known keys costs dict lookups."""
+        memo = self._entries
+        if type(site_id) is int and type(cache_type) is str and type(target_ids) in (list, tuple):
+            entries = [memo.get((cache_type, site_id, t)) if type(t) is str else None for t in target_ids]
+            if None not in entries and len(entries) <= self.store.limits.max_many:
+                if len(set(entries)) == len(entries):
+                    return cache_type, site_id, list(target_ids), entries  # type: ignore[return-value]
+                unique = dict.fromkeys(zip(target_ids, entries))
+                return cache_type, site_id, [t for t, _ in unique], [e for _, e in unique]  # type: ignore[misc]
+        ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
+        return ct, site, ids, [self._entry(ct, site, t)[1] for t in ids]
+
+    def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
+        """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
+        key, entry = self._entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
             found = near.get(entry)
@@ -134,10 +165,9 @@ class TieredCache:
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
-        ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
+        ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
         if not ids:
             return {}
-        entries = [self.keys.entry(ct, site, t) for t in ids]
         found: dict[str, Row | None] = {}
         near = self.near
         if near is not None:

@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..contracts import DOWN, MISS, Row
-from ..policy.breaker import CircuitBreaker
+from ..policy.breaker import CLOSED, CircuitBreaker
 from ..policy.entries import decode, encode, encode_entry, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
 
@@ -234,7 +234,7 @@ class RedisTier:
 
     def get_raw(self, key: str) -> Any:
         """The encoded entry (a row, or NEGATIVE for a cached 'no row'), MISS, or DOWN."""
-        if not self._usable():
+        if (self._pending or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
             raw = self.client.get(key)
@@ -251,7 +251,7 @@ class RedisTier:
 
     def get_raws(self, keys: list[str]) -> Any:
         """MGET of many entries: a list of encoded entry or MISS per key, or DOWN."""
-        if not self._usable():
+        if (self._pending or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
             raws = self.client.mget(keys)
