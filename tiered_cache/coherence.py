@@ -27,10 +27,43 @@ class ListenerStats:
     restarts_seen: int = 0
 
 
+class _Sequence:
+    """One publisher's announcements: the next number expected, and numbers seen ahead of a hole."""
+
+    __slots__ = ("expected", "ahead", "hole_since")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.ahead: set[int] = set()
+        self.hole_since: float | None = None
+
+    def receive(self, seq: int, now: float) -> None:
+        """Advance past seq and whatever it completes; a number ahead of the expected one opens a hole."""
+        if seq == self.expected:
+            self.expected += 1
+            while self.expected in self.ahead:
+                self.ahead.remove(self.expected)
+                self.expected += 1
+            if not self.ahead:
+                self.hole_since = None
+        elif seq > self.expected:
+            self.ahead.add(seq)
+            if self.hole_since is None:
+                self.hole_since = now
+        # seq < expected: a late message for a hole already given up (and flushed for)
+
+    def skip_hole(self) -> None:
+        """Give up on the missing numbers and continue after the highest seen."""
+        self.expected = max(self.ahead) + 1
+        self.ahead.clear()
+        self.hole_since = None
+
+
 class CoherenceListener:
     """Subscribes to the change channel; a gap in a publisher's sequence, a lost connection or a new Redis run id flushes."""
 
-    def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0) -> None:
+    def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
+                 gap_grace: float = 0.25) -> None:
         source = client.connection_pool
         kwargs = dict(source.connection_kwargs)
         kwargs["socket_timeout"] = max(1.0, poll * 5)  # a pub/sub read waits for messages, not for an answer
@@ -44,7 +77,8 @@ class CoherenceListener:
         self._last_heard = 0.0
         self._last_ping = 0.0
         self.stats = ListenerStats()
-        self._last_seq: dict[str, int] = {}
+        self._publishers: dict[str, _Sequence] = {}
+        self.gap_grace = gap_grace
         self._run_id: str | None = None
         self._stop = threading.Event()
         self._pubsub: Any = None
@@ -69,7 +103,7 @@ class CoherenceListener:
                 break
         self._last_heard = self._last_ping = time.monotonic()
         # Anything announced before this point may have been missed: start from empty.
-        self._last_seq.clear()
+        self._publishers.clear()
         self.near.flush()
         self.near.active = True
         self.subscribed.set()
@@ -86,21 +120,30 @@ class CoherenceListener:
                 pass
             self._pubsub = None
 
-    def handle(self, data: bytes | str) -> None:
+    def handle(self, data: bytes | str, now: float | None = None) -> None:
         """Apply one announcement 'publisher:seq:entry_key' ('*' as the key flushes everything)."""
         text = data.decode() if isinstance(data, bytes) else data
         publisher, seq_text, key = text.split(":", 2)
         seq = int(seq_text)
         self.stats.messages += 1
-        last = self._last_seq.get(publisher)
-        self._last_seq[publisher] = seq
-        if last is not None and seq != last + 1:
-            self.stats.gaps += 1
-            self.near.flush()
-        elif key == "*":
+        if key == "*":
             self.near.flush()
         else:
             self.near.evict(key)
+        state = self._publishers.get(publisher)
+        if state is None:  # first word from this publisher since we subscribed: its baseline
+            self._publishers[publisher] = _Sequence(seq + 1)
+            return
+        state.receive(seq, time.monotonic() if now is None else now)
+
+    def check_gaps(self, now: float | None = None) -> None:
+        """A sequence number missing for longer than the grace was lost, not late: flush."""
+        now = time.monotonic() if now is None else now
+        for state in self._publishers.values():
+            if state.hole_since is not None and now - state.hole_since > self.gap_grace:
+                state.skip_hole()
+                self.stats.gaps += 1
+                self.near.flush()
 
     def _run(self) -> None:
         backoff = 0.05
@@ -114,7 +157,8 @@ class CoherenceListener:
                 if msg:
                     self._last_heard = now
                     if msg["type"] == "message":
-                        self.handle(msg["data"])
+                        self.handle(msg["data"], now)
+                self.check_gaps(now)
                 if now - self._last_ping >= self.health:
                     self._last_ping = now
                     self._pubsub.ping()

@@ -23,6 +23,11 @@ class ConfigurationError(TieredCacheError, ValueError):
 class StoreUnavailable(TieredCacheError):
     """PostgreSQL, the system of record, could not be reached or failed the statement."""
 
+    def __init__(self, message: str, *, maybe_committed: bool = False) -> None:
+        super().__init__(message)
+        #: False when the statement certainly never reached the server (no connection could be had).
+        self.maybe_committed = maybe_committed
+
 
 class TierUnavailable(TieredCacheError):
     """A cache tier failed; the facade degrades past it, so callers rarely see this."""

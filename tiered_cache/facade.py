@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreUnavailable
 from .policy.breaker import CircuitBreaker
 from .policy.entries import decode, encode_entry
 from .policy.keys import KeySet, KeySpace
@@ -243,9 +243,8 @@ class TieredCache:
         token = self.redis.lease_for_write(ks)
         try:
             outcome = self.store.write(params)
-        except BaseException:
-            self.redis.kill([ks])  # the commit may have happened before the failure
-            self._evict_near(ks)
+        except BaseException as exc:
+            self._failed_write(ks, token, exc)
             raise
         self.redis.write_through(ks, token, outcome.latest)
         self._evict_near(ks)
@@ -276,9 +275,8 @@ class TieredCache:
         token = self.redis.lease_for_write(ks)
         try:
             outcome = self.store.finalize(params)
-        except BaseException:
-            self.redis.kill([ks])
-            self._evict_near(ks)
+        except BaseException as exc:
+            self._failed_write(ks, token, exc)
             raise
         if outcome.changed:
             self.redis.write_through(ks, token, outcome.latest)
@@ -294,9 +292,8 @@ class TieredCache:
         token = self.redis.lease_for_write(ks)
         try:
             count = self.store.invalidate_key(dict(zip(("cache_type", "site_id", "target_id"), key)))
-        except BaseException:
-            self.redis.kill([ks])
-            self._evict_near(ks)
+        except BaseException as exc:
+            self._failed_write(ks, token, exc)
             raise
         self.redis.write_through(ks, token, None)
         self._evict_near(ks)
@@ -310,6 +307,14 @@ class TieredCache:
         for ks in keysets:
             self._evict_near(ks)
         return sum(changed.values())
+
+    def _failed_write(self, ks: KeySet, token: str | None, exc: BaseException) -> None:
+        """A write raised: if it may have committed, drop the key everywhere; if it certainly did not, keep the cache."""
+        if isinstance(exc, StoreUnavailable) and not exc.maybe_committed:
+            self.redis.release(ks, token)
+            return
+        self.redis.kill([ks])
+        self._evict_near(ks)
 
     def _evict_near(self, ks: KeySet) -> None:
         """Read-your-writes in this process at once, without waiting for our own announcement."""

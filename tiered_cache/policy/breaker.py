@@ -29,8 +29,10 @@ class CircuitBreaker:
         if self.state == CLOSED:
             return True
         with self._lock:
-            if self.state == OPEN and self.clock() - self.opened_at >= self.reset_after:
+            # A probe that never reported back (its caller did not say) is replaced after reset_after.
+            if self.clock() - self.opened_at >= self.reset_after:
                 self.state = HALF_OPEN
+                self.opened_at = self.clock()
                 return True
             return False
 

@@ -105,7 +105,9 @@ class PostgresStore:
         except psycopg.OperationalError as exc:
             # One outage breaks every idle connection alike; closing them is local and instant.
             self._pool.drain()
-            raise _BrokenConnection(f"PostgreSQL failed: {exc}") from exc
+            raise _BrokenConnection(f"PostgreSQL failed: {exc}", maybe_committed=True) from exc
+        except psycopg.Error as exc:  # an autocommit statement that errors has rolled back
+            raise StoreUnavailable(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run a read; one retry on a fresh connection if a pooled one broke (it may predate a restart)."""

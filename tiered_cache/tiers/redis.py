@@ -157,10 +157,10 @@ class RedisTier:
         self.breaker = breaker or CircuitBreaker()
         self.stats = RedisStats()
         self.channel = keys.channel if announce else ""
-        # Announcements carry (publisher, sequence) so listeners can see a lost message as a gap.
+        # Announcements carry (publisher, sequence) so listeners can see a lost message as a gap. No lock:
+        # threads may deliver out of order, and the listener waits a short grace before calling a hole a gap.
         self.publisher = os.urandom(6).hex()
         self._seq = itertools.count(1)
-        self._publish_lock = threading.Lock()
         self._tokens = itertools.count(1)
         self._token_prefix = self.publisher + "."
         # Kills that could not reach Redis; applied before this process reads Redis again.
@@ -183,6 +183,11 @@ class RedisTier:
             return True
         self.stats.skipped += 1
         return False
+
+    def _ok(self) -> None:
+        """A call worked: close the breaker (whichever call was the half-open probe)."""
+        if self.breaker.failures or self.breaker.state is not CLOSED:
+            self.breaker.success()
 
     def _failed(self, exc: BaseException) -> None:
         """Record a failure; only outages (not e.g. OOM answers) count toward the breaker."""
@@ -241,8 +246,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return DOWN
-        if self.breaker.failures:
-            self.breaker.success()
+        self._ok()
         if raw is None:
             self.stats.misses += 1
             return MISS
@@ -258,8 +262,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return DOWN
-        if self.breaker.failures:
-            self.breaker.success()
+        self._ok()
         misses = raws.count(None)
         self.stats.misses += misses
         self.stats.hits += len(raws) - misses
@@ -274,6 +277,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return DOWN
+        self._ok()
         if raw is None:
             self.stats.misses += 1
             return MISS
@@ -286,10 +290,12 @@ class RedisTier:
         """Take the fill lease of a missed key before reading PostgreSQL; None if someone holds it or Redis failed."""
         token = self._token()
         try:
-            return token if self.client.set(lease_key, token, nx=True, px=self.lease_ms) else None
+            taken = self.client.set(lease_key, token, nx=True, px=self.lease_ms)
         except RedisError as exc:
             self._failed(exc)
             return None
+        self._ok()
+        return token if taken else None
 
     def leases(self, lease_keys: list[str]) -> list[str | None]:
         """lease() for many keys in one round trip."""
@@ -300,6 +306,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return [None] * len(lease_keys)
+        self._ok()
         return [t if r is True or r == b"OK" else None for t, r in zip(tokens, results)]
 
     def _ttl_args(self, row: Row | None) -> tuple[str, int]:
@@ -317,6 +324,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return
+        self._ok()
         self._count_fill(done)
 
     def fill_entries(self, items: list[tuple[KeySet, str, bytes, Row | None]]) -> None:
@@ -330,6 +338,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return
+        self._ok()
         for done in results:
             if isinstance(done, RedisError):
                 self.stats.errors += 1
@@ -345,6 +354,7 @@ class RedisTier:
         except RedisError as exc:
             self._failed(exc)
             return
+        self._ok()
         self._count_fill(done)
 
     def _count_fill(self, done: Any) -> None:
@@ -355,8 +365,8 @@ class RedisTier:
 
     # -- changes --------------------------------------------------------------------------------
 
-    def lease_for_write(self, ks: KeySet) -> str | None:
-        """A writer's lease, taken before its commit (overwriting readers'); None if Redis is unusable."""
+    def lease_for_write(self, ks: KeySet) -> Any:
+        """A writer's lease, taken before its commit (overwriting readers'); None if the breaker skipped Redis, DOWN if it just failed."""
         if not self._usable():
             return None
         token = self._token()
@@ -364,35 +374,43 @@ class RedisTier:
             self.client.set(ks.lease, token, px=self.lease_ms)
         except RedisError as exc:
             self._failed(exc)
-            return None
+            return DOWN
+        self._ok()
         return token
 
-    def write_through(self, ks: KeySet, token: str | None, latest: Row | None) -> None:
-        """After a commit: drop every entry and lease of the key and store `latest` if our lease stood."""
-        if token is None or not self._usable():
+    def write_through(self, ks: KeySet, token: Any, latest: Row | None) -> None:
+        """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
+
+        If the breaker skipped the lease (None) the kill is still tried once: Redis may be back, and
+        another process may hold a lease taken before our commit that only our kill can refuse. If the
+        lease call itself just failed (DOWN), the kill is owed at once instead of paying a second timeout.
+        """
+        if token is DOWN:
             return self._owe_kill(ks)
+        if token is None:
+            return self.kill([ks])
         mode, ms = self._ttl_args(latest)
         value = encode_entry(latest)
         try:
-            with self._publish_lock:
-                self._evalsha(
-                    self.client, _WRITE_THROUGH, ks.all, (token, value, mode, ms, self.channel, self._message(ks.entry))
-                )
-            self.stats.writes_through += 1
+            self._evalsha(
+                self.client, _WRITE_THROUGH, ks.all, (token, value, mode, ms, self.channel, self._message(ks.entry))
+            )
         except RedisError as exc:
             if not isinstance(exc, _OUTAGE):  # e.g. OOM refused the SET: a plain kill still works
                 return self.kill([ks])
             self._failed(exc)
-            self._owe_kill(ks)
+            return self._owe_kill(ks)
+        self._ok()
+        self.stats.writes_through += 1
 
     def kill(self, keysets: Iterable[KeySet], *, history_only: bool = False) -> None:
-        """After a commit: drop every entry (or only the history) and lease of these keys; owed if Redis fails."""
+        """After a commit: drop every entry (or only the history) and lease of these keys; owed if Redis fails.
+
+        Tried once even while the breaker is open (one redis_timeout at most): a kill skipped here
+        could let another process fill the old state under a lease taken before the commit.
+        """
         keysets = list(keysets)
         if not keysets:
-            return
-        if not self._usable():
-            for ks in keysets:
-                self._owe_kill(ks)
             return
         try:
             self.kill_or_raise(keysets, history_only=history_only)
@@ -404,13 +422,13 @@ class RedisTier:
         """kill() in one round trip that raises on failure, for callers that keep the work (the relay)."""
         scope = "history" if history_only else "all"
         try:
-            with self._publish_lock:
-                self._run_pipeline(
-                    [(_KILL, (ks.all, (self.channel, self._message(ks.entry), scope))) for ks in keysets]
-                )
+            self._run_pipeline(
+                [(_KILL, (ks.all, (self.channel, self._message(ks.entry), scope))) for ks in keysets]
+            )
         except RedisError as exc:
             self._failed(exc)
             raise
+        self._ok()
         self.stats.kills += len(keysets)
 
     def flush_namespace(self) -> int:
@@ -430,21 +448,22 @@ class RedisTier:
                 if batch:
                     deleted += self.client.unlink(*batch)
             if self.channel:
-                with self._publish_lock:
-                    self.client.publish(self.channel, self._message("*"))
+                self.client.publish(self.channel, self._message("*"))
         except RedisError as exc:
             self._failed(exc)
             raise
         return deleted
 
-    def release(self, ks: KeySet, token: str | None) -> None:
+    def release(self, ks: KeySet, token: Any) -> None:
         """Give back an unused writer lease so readers may fill again at once."""
-        if token is None:
+        if token is None or token is DOWN:
             return
         try:
             self._evalsha(self.client, _RELEASE, (ks.lease,), (token,))
         except RedisError as exc:
             self._failed(exc)
+            return
+        self._ok()
 
     # -- kills owed to Redis --------------------------------------------------------------------
 
@@ -465,7 +484,6 @@ class RedisTier:
             self.kill_or_raise(owed)
         except RedisError:
             return False
-        self.breaker.success()
         with self._pending_lock:
             for ks in owed:
                 if self._pending.get(ks.entry) is ks:
