@@ -960,7 +960,7 @@ def crash_child(dsn: str, redis_url: str, key: str, ready: Any, go: Any, out_pat
     if not go.wait(60):
         os._exit(3)
 
-    def crash(self: Any, ks: Any, token: Any, latest: Any) -> None:
+    def crash(self: Any, ks: Any, token: Any, latest: Any, txid: Any = None) -> None:
         # PostgreSQL has committed v2: record it, and die before Redis hears of it
         with open(out_path, "a") as f:
             f.write(f"{latest['id']} {time.monotonic()!r}\n")

@@ -128,7 +128,7 @@ class CoherenceListener:
         self.stats.messages += 1
         if key == "*":
             self.near.flush()
-        else:
+        elif key:  # an empty key only carries the sequence number (a kill the relay could skip)
             self.near.evict(key)
         state = self._publishers.get(publisher)
         if state is None:  # first word from this publisher since we subscribed: its baseline
@@ -178,3 +178,4 @@ class CoherenceListener:
         if self._thread.is_alive():
             self._thread.join(self.poll * 5 + 1)
         self._client.close()
+        self._client.connection_pool.disconnect()

@@ -246,7 +246,7 @@ class TieredCache:
         except BaseException as exc:
             self._failed_write(ks, token, exc)
             raise
-        self.redis.write_through(ks, token, outcome.latest)
+        self.redis.write_through(ks, token, outcome.latest, outcome.txid)
         self._evict_near(ks)
         return outcome.id  # type: ignore[return-value]
 
@@ -279,7 +279,7 @@ class TieredCache:
             self._failed_write(ks, token, exc)
             raise
         if outcome.changed:
-            self.redis.write_through(ks, token, outcome.latest)
+            self.redis.write_through(ks, token, outcome.latest, outcome.txid)
             self._evict_near(ks)
         else:
             self.redis.release(ks, token)
@@ -291,16 +291,16 @@ class TieredCache:
         ks = self.keys.keyset(*key)
         token = self.redis.lease_for_write(ks)
         try:
-            count = self.store.invalidate_key(dict(zip(("cache_type", "site_id", "target_id"), key)))
+            outcome = self.store.invalidate_outcome(dict(zip(("cache_type", "site_id", "target_id"), key)))
         except BaseException as exc:
             self._failed_write(ks, token, exc)
             raise
-        self.redis.write_through(ks, token, None)
+        self.redis.write_through(ks, token, None, outcome.txid)
         self._evict_near(ks)
-        return count
+        return outcome.id  # type: ignore[return-value]
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
-        """Invalidate a venue's valid rows (optionally of one type) and drop exactly the keys that changed."""
+        """Invalidate a venue's valid rows (optionally of one type) and drop every key that had one."""
         changed = self.store.invalidate_site_keys(site_id, cache_type)
         keysets = [self.keys.keyset(*key) for key in changed]
         self.redis.kill(keysets)
@@ -351,6 +351,7 @@ class TieredCache:
         if self._owns_clients:
             self.store.close()
             self._redis_client.close()
+            self._redis_client.connection_pool.disconnect()  # close() leaves a passed-in pool open
 
     def __enter__(self) -> TieredCache:
         return self

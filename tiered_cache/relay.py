@@ -20,7 +20,7 @@ CHANNEL = "tiered_cache_changes"
 
 # SKIP LOCKED: several relays split the backlog instead of queueing behind each other.
 _CLAIM = """
-SELECT seq, cache_type, site_id, target_id FROM biz.ai_cache_changes
+SELECT seq, cache_type, site_id, target_id, txid::text FROM biz.ai_cache_changes
 ORDER BY seq LIMIT %(batch)s FOR UPDATE SKIP LOCKED
 """
 _PRUNE = "DELETE FROM biz.ai_cache_changes WHERE seq = ANY(%(seqs)s)"
@@ -39,6 +39,7 @@ class RelayStats:
     batches: int = 0
     changes: int = 0
     keys: int = 0
+    spared: int = 0  # keys whose entry the changing transaction had stored itself
     flushes: int = 0
     errors: int = 0
     last_seq: int = 0
@@ -90,22 +91,25 @@ class Relay:
             rows = conn.execute(_CLAIM, {"batch": self.batch}).fetchall()
             if not rows:
                 return 0
-            if any(ct is None for _, ct, _, _ in rows):
+            if any(ct is None for _, ct, _, _, _ in rows):
                 self.redis.flush_namespace()
                 self.stats.flushes += 1
-            keysets = {
-                self.keys.entry(ct, site, target): self.keys.keyset(ct, site, target)
-                for _, ct, site, target in rows
-                if ct is not None
-            }
-            if keysets:
-                self.redis.kill_or_raise(list(keysets.values()))  # raises: the rows stay for the next try
-            seqs = [seq for seq, _, _, _ in rows]
+            # Per key, the transactions that changed it; one alone may have stored its own new state.
+            changes: dict[tuple[str, int, str], set[str]] = {}
+            for _, ct, site, target, txid in rows:
+                if ct is not None:
+                    changes.setdefault((ct, site, target), set()).add(txid or "")
+            if changes:
+                keysets = [self.keys.keyset(*key) for key in changes]
+                txids = [next(iter(t)) if len(t) == 1 else "" for t in changes.values()]
+                results = self.redis.kill_or_raise(keysets, txids=txids)  # raises: the rows stay for the next try
+                self.stats.spared += sum(1 for r in results if r == 0)
+            seqs = [seq for seq, _, _, _, _ in rows]
             conn.execute(_PRUNE, {"seqs": seqs})
             conn.execute(_RECORD, {"relay": self.name, "last": max(seqs), "n": len(seqs)})
         self.stats.batches += 1
         self.stats.changes += len(rows)
-        self.stats.keys += len(keysets)
+        self.stats.keys += len(changes)
         self.stats.last_seq = max(self.stats.last_seq, max(seqs))
         return len(rows)
 

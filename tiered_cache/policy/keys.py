@@ -37,11 +37,12 @@ class KeySet:
     history: str
     lease: str
     history_lease: str
+    writer: str  # the transaction id of the write-through that stored the entry
 
     @property
-    def all(self) -> tuple[str, str, str, str]:
+    def all(self) -> tuple[str, str, str, str, str]:
         """Every key a change must remove."""
-        return (self.entry, self.history, self.lease, self.history_lease)
+        return (self.entry, self.history, self.lease, self.history_lease, self.writer)
 
 
 class KeySpace:
@@ -67,7 +68,7 @@ class KeySpace:
         """All keys of one cache key."""
         tag = self.tag(cache_type, site_id, target_id)
         p = self._prefix
-        return KeySet(p + "e:" + tag, p + "h:" + tag, p + "l:" + tag, p + "lh:" + tag)
+        return KeySet(p + "e:" + tag, p + "h:" + tag, p + "l:" + tag, p + "lh:" + tag, p + "w:" + tag)
 
     def lease(self, cache_type: str, site_id: int, target_id: str) -> str:
         """Key of the fill lease for the latest-result entry."""

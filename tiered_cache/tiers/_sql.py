@@ -44,9 +44,9 @@ WITH ins AS (
             %(triggered_by)s, %(score)s, %(expires_at)s, 'valid')
     RETURNING {_COLS}, (expires_at IS NULL OR expires_at > now()) AS servable
 )
-SELECT {_COLS}, servable FROM ins
+SELECT {_COLS}, servable, pg_current_xact_id()::text FROM ins
 UNION ALL
-(SELECT {_COLS}, true FROM biz.ai_cache WHERE {_KEY} AND {_SERVABLE} {_NEWEST} LIMIT 1)
+(SELECT {_COLS}, true, pg_current_xact_id()::text FROM biz.ai_cache WHERE {_KEY} AND {_SERVABLE} {_NEWEST} LIMIT 1)
 """
 
 SET_GENERATING = """
@@ -64,25 +64,40 @@ WITH upd AS (
     WHERE id = %(id)s AND status = 'generating'
     RETURNING {_COLS}, (expires_at IS NULL OR expires_at > now()) AS servable
 )
-SELECT {_COLS}, servable FROM upd
+SELECT {_COLS}, servable, pg_current_xact_id()::text FROM upd
 UNION ALL
-(SELECT {_COLS}, true FROM biz.ai_cache
+(SELECT {_COLS}, true, pg_current_xact_id()::text FROM biz.ai_cache
  WHERE {_KEY} AND {_SERVABLE} AND id <> %(id)s AND EXISTS (SELECT 1 FROM upd) {_NEWEST} LIMIT 1)
 """
 
 INVALIDATE = f"""
-UPDATE biz.ai_cache SET status = 'invalidated'
-WHERE {_KEY} AND (status = 'valid' OR status IS NULL)
+WITH upd AS (
+    UPDATE biz.ai_cache SET status = 'invalidated'
+    WHERE {_KEY} AND (status = 'valid' OR status IS NULL)
+    RETURNING 1
+)
+SELECT count(*), pg_current_xact_id()::text FROM upd
 """
 
+# Every key that had a valid row in this statement's snapshot is returned (count 0 when a concurrent
+# invalidation got to its rows first): the caller drops them all, so it reads its own invalidation
+# even while that other invalidation has not reached Redis yet.
 INVALIDATE_SITE = """
-WITH upd AS (
+WITH before AS (
+    SELECT DISTINCT cache_type, target_id FROM biz.ai_cache
+    WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
+      AND (status = 'valid' OR status IS NULL)
+), upd AS (
     UPDATE biz.ai_cache SET status = 'invalidated'
     WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
       AND (status = 'valid' OR status IS NULL)
     RETURNING cache_type, target_id
+), changed AS (
+    SELECT cache_type, target_id, count(*) AS n FROM upd GROUP BY cache_type, target_id
 )
-SELECT cache_type, target_id, count(*) FROM upd GROUP BY cache_type, target_id
+SELECT k.cache_type, k.target_id, COALESCE(c.n, 0)
+FROM (SELECT cache_type, target_id FROM before UNION SELECT cache_type, target_id FROM changed) k
+LEFT JOIN changed c USING (cache_type, target_id)
 """
 
 SWEEP_EXPIRED = """
@@ -153,12 +168,12 @@ def row_dict(columns: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def pick_servable(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
-    """From (columns..., servable) rows of WRITE/FINALIZE, what get_latest returns now."""
+    """From (columns..., servable, txid) rows of WRITE/FINALIZE, what get_latest returns now."""
     best = None
     for row in rows:
-        if row[-1] and (best is None or (row[7], row[0]) > (best[7], best[0])):
+        if row[-2] and (best is None or (row[7], row[0]) > (best[7], best[0])):
             best = row
-    return None if best is None else row_dict(LATEST_COLUMNS, best[:-1])
+    return None if best is None else row_dict(LATEST_COLUMNS, best[:-2])
 
 
 def as_datetime(value: str) -> datetime:

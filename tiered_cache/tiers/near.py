@@ -50,10 +50,11 @@ class NearTier:
         self.max_age = max_age
         self.timer = timer
         self.wall_clock = wall_clock
-        # One size unit per byte, but never less than an equal share: bounds bytes and count at once.
-        floor = max(1, max_bytes // max_entries)
+        # One size unit per byte, but never less than an equal share (rounded up), in a budget of exactly
+        # max_entries shares: at most max_entries entries, and max_bytes (+ under max_entries) bytes.
+        floor = max(1, -(-max_bytes // max_entries))
         self._cache: TLRUCache[str, bytes] = TLRUCache(
-            maxsize=max_bytes, ttu=self._ttu, timer=timer, getsizeof=lambda raw: max(len(raw), floor)
+            maxsize=floor * max_entries, ttu=self._ttu, timer=timer, getsizeof=lambda raw: max(len(raw), floor)
         )
         self._lock = threading.Lock()
         self._deadline: dict[str, float] = {}
@@ -123,5 +124,5 @@ class NearTier:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes accounted for by the cache."""
+        """Bytes accounted for by the cache: each entry counts its size, but at least max_bytes / max_entries."""
         return int(self._cache.currsize)

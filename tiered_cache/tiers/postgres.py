@@ -32,6 +32,8 @@ class WriteOutcome:
     key: Key
     latest: dict[str, Any] | None
     changed: bool
+    #: The writing transaction's id: the relay spares an entry this very write stored.
+    txid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class PostgresStore:
         rows, _ = self._write(_sql.WRITE, params)
         mine = rows[0]
         key = (params["cache_type"], params["site_id"], params["target_id"])
-        return WriteOutcome(mine[0], key, _sql.pick_servable(rows), True)
+        return WriteOutcome(mine[0], key, _sql.pick_servable(rows), True, mine[-1])
 
     def write_cache(
         self,
@@ -277,7 +279,7 @@ class PostgresStore:
         if not rows:
             logger.warning("finalize_cache: row %s is no longer 'generating'; nothing changed", params["id"])
             return WriteOutcome(params["id"], key, None, False)
-        return WriteOutcome(params["id"], key, _sql.pick_servable(rows), True)
+        return WriteOutcome(params["id"], key, _sql.pick_servable(rows), True, rows[0][-1])
 
     def finalize_cache(
         self, cache_id: int, result_json: dict[str, Any], score: int | None = None, cache_type: str | None = None
@@ -295,14 +297,19 @@ class PostgresStore:
 
     def invalidate_key(self, params: dict[str, Any]) -> int:
         """invalidate on validated params."""
-        return self._write(_sql.INVALIDATE, params)[1]
+        return self.invalidate_outcome(params).id or 0
+
+    def invalidate_outcome(self, params: dict[str, Any]) -> WriteOutcome:
+        """invalidate, as a WriteOutcome whose id is the count of rows invalidated."""
+        (count, txid), = self._write(_sql.INVALIDATE, params)[0]
+        return WriteOutcome(count, (params["cache_type"], params["site_id"], params["target_id"]), None, True, txid)
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Mark every valid row of a venue (optionally of one type) 'invalidated'; returns how many."""
         return sum(self.invalidate_site_keys(site_id, cache_type).values())
 
     def invalidate_site_keys(self, site_id: object, cache_type: object = None) -> dict[Key, int]:
-        """invalidate_site, returning the keys it changed (the facade drops exactly those)."""
+        """invalidate_site, returning each key that was valid when it ran and how many rows it changed there."""
         params = {
             "site_id": check.bigint("site_id", site_id),
             "cache_type": check.optional_name("cache_type", cache_type, self.limits.max_name_length),

@@ -37,35 +37,43 @@ _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math
 # script runs when Redis is full and only a memory-growing command inside it (SET) is refused, so a
 # kill (DEL, PUBLISH) always works.
 
-# KEYS: entry, history, lease, history_lease. ARGV: channel ('' = silent), message, scope ('all'|'history').
+# KEYS: entry, history, lease, history_lease, writer. ARGV: channel ('' = silent), message,
+# scope ('all'|'history'), txid, no-op message. With a txid (the relay), the kill is skipped when the
+# entry was stored by that very transaction's write-through; the no-op keeps the sequence unbroken.
 KILL = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) == ARGV[4] then
+  if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[5]) end
+  return 0
+end
 if ARGV[3] == 'history' then
   redis.call('DEL', KEYS[2], KEYS[4])
 else
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 end
 if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return 1
 """
 
-# A writer's change: kill everything of the key, then store the new state only if the writer's
-# pre-commit lease survived. ARGV: token, value, mode ('pxat'|'px'), ms, channel, message.
+# A writer's change: kill everything of the key, then store the new state (and the writer's
+# transaction id beside it) only if the writer's pre-commit lease survived.
+# ARGV: token, value, mode ('pxat'|'px'), ms, channel, message, txid.
 WRITE_THROUGH = (
     """
 local mine = redis.call('GET', KEYS[3]) == ARGV[1]
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local stored = 0
 if mine then
+  local mode = 'PX'
   if ARGV[3] == 'pxat' then
+    mode = 'PXAT'
     """
     + _NOW_MS
     + """
-    if tonumber(ARGV[4]) > now then
-      redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[4])
-      stored = 1
-    end
-  else
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+    if tonumber(ARGV[4]) <= now then mine = false end
+  end
+  if mine then
+    redis.call('SET', KEYS[1], ARGV[2], mode, ARGV[4])
+    if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], mode, ARGV[4]) end
     stored = 1
   end
 end
@@ -232,7 +240,7 @@ class RedisTier:
         return pipe.execute(raise_on_error=False)
 
     def _message(self, entry_key: str) -> str:
-        """An announcement: publisher, its sequence number, and the entry key that changed."""
+        """An announcement: publisher, its sequence number, and the entry key that changed ('' for none)."""
         return f"{self.publisher}:{next(self._seq)}:{entry_key}"
 
     # -- reads ----------------------------------------------------------------------------------
@@ -378,7 +386,7 @@ class RedisTier:
         self._ok()
         return token
 
-    def write_through(self, ks: KeySet, token: Any, latest: Row | None) -> None:
+    def write_through(self, ks: KeySet, token: Any, latest: Row | None, txid: str | None = None) -> None:
         """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
 
         If the breaker skipped the lease (None) the kill is still tried once: Redis may be back, and
@@ -393,7 +401,8 @@ class RedisTier:
         value = encode_entry(latest)
         try:
             self._evalsha(
-                self.client, _WRITE_THROUGH, ks.all, (token, value, mode, ms, self.channel, self._message(ks.entry))
+                self.client, _WRITE_THROUGH, ks.all,
+                (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""),
             )
         except RedisError as exc:
             if not isinstance(exc, _OUTAGE):  # e.g. OOM refused the SET: a plain kill still works
@@ -418,18 +427,27 @@ class RedisTier:
             for ks in keysets:
                 self._owe_kill(ks)
 
-    def kill_or_raise(self, keysets: list[KeySet], *, history_only: bool = False) -> None:
-        """kill() in one round trip that raises on failure, for callers that keep the work (the relay)."""
+    def kill_or_raise(
+        self, keysets: list[KeySet], *, history_only: bool = False, txids: list[str] | None = None
+    ) -> list[Any]:
+        """kill() in one round trip that raises on failure, for callers that keep the work (the relay).
+
+        With txids (one per keyset, '' for none), a key whose entry that transaction stored itself is spared.
+        """
         scope = "history" if history_only else "all"
+        commands = []
+        for i, ks in enumerate(keysets):
+            message = self._message(ks.entry)
+            noop = message[: len(message) - len(ks.entry)]
+            commands.append((_KILL, (ks.all, (self.channel, message, scope, txids[i] if txids else "", noop))))
         try:
-            self._run_pipeline(
-                [(_KILL, (ks.all, (self.channel, self._message(ks.entry), scope))) for ks in keysets]
-            )
+            results = self._run_pipeline(commands)  # type: ignore[arg-type]
         except RedisError as exc:
             self._failed(exc)
             raise
         self._ok()
-        self.stats.kills += len(keysets)
+        self.stats.kills += sum(1 for r in results if r == 1)
+        return results
 
     def flush_namespace(self) -> int:
         """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure.
