@@ -301,8 +301,13 @@ class TieredCache:
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Invalidate a venue's valid rows (optionally of one type) and drop every key that had one."""
-        changed = self.store.invalidate_site_keys(site_id, cache_type)
-        keysets = [self.keys.keyset(*key) for key in changed]
+        params = self.store.site_params(site_id, cache_type)
+        # Leases first, on the keys valid now: a write of one of them in flight cannot store its view after
+        # we commit. (A key that becomes valid between this read and our UPDATE is killed after our commit.)
+        leased = self.store.valid_site_keys(params)
+        self.redis.leases_for_write([self.keys.keyset(*key) for key in leased])
+        changed = self.store.invalidate_site_keys(params["site_id"], params["cache_type"])
+        keysets = [self.keys.keyset(*key) for key in dict.fromkeys([*leased, *changed])]
         self.redis.kill(keysets)
         for ks in keysets:
             self._evict_near(ks)

@@ -40,6 +40,11 @@ def name(field: str, value: object, max_length: int) -> str:
         raise InvalidInput(field, f"longer than {max_length} characters ({len(value)})")
     if "\x00" in value:
         raise InvalidInput(field, "contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: neither Redis nor PostgreSQL can take it
+            raise InvalidInput(field, f"is not valid Unicode text ({exc.reason} at {exc.start})") from None
     return value
 
 

@@ -308,12 +308,21 @@ class PostgresStore:
         """Mark every valid row of a venue (optionally of one type) 'invalidated'; returns how many."""
         return sum(self.invalidate_site_keys(site_id, cache_type).values())
 
-    def invalidate_site_keys(self, site_id: object, cache_type: object = None) -> dict[Key, int]:
-        """invalidate_site, returning each key that was valid when it ran and how many rows it changed there."""
-        params = {
+    def site_params(self, site_id: object, cache_type: object = None) -> dict[str, Any]:
+        """Check invalidate_site's arguments."""
+        return {
             "site_id": check.bigint("site_id", site_id),
             "cache_type": check.optional_name("cache_type", cache_type, self.limits.max_name_length),
         }
+
+    def valid_site_keys(self, params: dict[str, Any]) -> list[Key]:
+        """The keys of a venue (optionally of one type) that have a valid row now."""
+        rows = self._read(_sql.VALID_SITE_KEYS, params)
+        return [(ct, params["site_id"], target) for ct, target in rows]
+
+    def invalidate_site_keys(self, site_id: object, cache_type: object = None) -> dict[Key, int]:
+        """invalidate_site, returning each key that was valid when it ran and how many rows it changed there."""
+        params = self.site_params(site_id, cache_type)
         rows, _ = self._write(_sql.INVALIDATE_SITE, params)
         return {(ct, params["site_id"], target): n for ct, target, n in rows}
 

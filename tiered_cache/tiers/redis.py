@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..contracts import DOWN, MISS, Row
+from ..contracts import DOWN, MISS, Row, _Sentinel
 from ..policy.breaker import CLOSED, CircuitBreaker
 from ..policy.entries import decode, encode, encode_entry, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
@@ -30,6 +30,9 @@ from ..policy.keys import KeySet, KeySpace
 logger = logging.getLogger(__name__)
 
 _OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: lease_for_write displaced another writer's lease: kill after the commit, store nothing.
+CONTENDED = _Sentinel("CONTENDED")
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
@@ -374,17 +377,32 @@ class RedisTier:
     # -- changes --------------------------------------------------------------------------------
 
     def lease_for_write(self, ks: KeySet) -> Any:
-        """A writer's lease, taken before its commit (overwriting readers'); None if the breaker skipped Redis, DOWN if it just failed."""
+        """A writer's lease, taken before its commit (overwriting readers').
+
+        None if the breaker skipped Redis, DOWN if the call just failed, CONTENDED if it displaced another
+        writer's lease: two writers in flight on one key cannot know which commits last, so neither stores.
+        """
         if not self._usable():
             return None
-        token = self._token()
+        token = "w" + self._token()
         try:
-            self.client.set(ks.lease, token, px=self.lease_ms)
+            displaced = self.client.set(ks.lease, token, px=self.lease_ms, get=True)
         except RedisError as exc:
             self._failed(exc)
             return DOWN
         self._ok()
-        return token
+        return CONTENDED if displaced is not None and displaced[:1] == b"w" else token
+
+    def leases_for_write(self, keysets: list[KeySet]) -> None:
+        """Writer leases on many keys in one round trip (invalidate_site): in-flight write-throughs are refused."""
+        if not keysets or not self._usable():
+            return
+        try:
+            self._run_pipeline([("SET", (ks.lease, "w" + self._token(), "PX", self.lease_ms)) for ks in keysets])
+        except RedisError as exc:
+            self._failed(exc)
+            return
+        self._ok()
 
     def write_through(self, ks: KeySet, token: Any, latest: Row | None, txid: str | None = None) -> None:
         """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
@@ -395,7 +413,7 @@ class RedisTier:
         """
         if token is DOWN:
             return self._owe_kill(ks)
-        if token is None:
+        if token is None or token is CONTENDED:
             return self.kill([ks])
         mode, ms = self._ttl_args(latest)
         value = encode_entry(latest)
@@ -474,7 +492,7 @@ class RedisTier:
 
     def release(self, ks: KeySet, token: Any) -> None:
         """Give back an unused writer lease so readers may fill again at once."""
-        if token is None or token is DOWN:
+        if token is None or token is DOWN or token is CONTENDED:
             return
         try:
             self._evalsha(self.client, _RELEASE, (ks.lease,), (token,))
