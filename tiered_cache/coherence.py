@@ -97,10 +97,13 @@ class CoherenceListener:
         self._run_id = run_id
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
         self._pubsub.subscribe(self.channel)
+        deadline = time.monotonic() + 3 * self.health + self.poll
         while not self._stop.is_set():
             msg = self._pubsub.get_message(timeout=self.poll)
             if msg and msg["type"] == "subscribe":
                 break
+            if time.monotonic() > deadline:
+                raise RedisConnectionError("no subscribe confirmation on the change channel")
         self._last_heard = self._last_ping = time.monotonic()
         # Anything announced before this point may have been missed: start from empty.
         self._publishers.clear()

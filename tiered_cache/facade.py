@@ -15,10 +15,10 @@ from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
 from .errors import ConfigurationError, StoreUnavailable
 from .policy.breaker import CircuitBreaker
-from .policy.entries import decode, encode_entry
+from .policy.entries import decode, encode, encode_entry
 from .policy.keys import KeySet, KeySpace
 from .relay import Relay
-from .tiers.near import NearTier
+from .tiers.near import NearTier, history_key
 from .tiers.postgres import PostgresStore
 from .tiers.redis import RedisTier
 
@@ -145,12 +145,12 @@ class TieredCache:
             found = near.get(entry)
             if found is not MISS:
                 return found
-            epoch = near.epoch  # read before Redis: a change announced after this forbids the put
+            epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = self.redis.get_raw(entry)
         if raw is not MISS and raw is not DOWN:
             row = decode(raw)
             if near is not None:
-                near.put(entry, raw, row, epoch)
+                near.put(entry, raw, row, epoch, started=started)
             return row
         ks = self.keys.keyset(*key) if raw is MISS else None
         token = self.redis.lease(ks.lease) if ks is not None else None
@@ -160,7 +160,7 @@ class TieredCache:
             if token is not None:
                 self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
             if near is not None and raw is not DOWN:
-                near.put(entry, value, row, epoch)
+                near.put(entry, value, row, epoch, started=started)
         return row
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
@@ -171,7 +171,7 @@ class TieredCache:
         found: dict[str, Row | None] = {}
         near = self.near
         if near is not None:
-            epoch = near.epoch
+            epoch, started = near.epoch, near.timer()
             ask = []
             for target, entry in zip(ids, entries):
                 value = near.get(entry)
@@ -194,7 +194,7 @@ class TieredCache:
                 continue
             row = found[target] = decode(raw)
             if near is not None:
-                near.put(entry, raw, row, epoch)
+                near.put(entry, raw, row, epoch, started=started)
         if missing:
             keysets = [self.keys.keyset(ct, site, t) for t, _ in missing]
             tokens = self.redis.leases([ks.lease for ks in keysets])
@@ -206,23 +206,35 @@ class TieredCache:
                 if token is not None:
                     fills.append((ks, token, value, row))
                 if near is not None:
-                    near.put(entry, value, row, epoch)
+                    near.put(entry, value, row, epoch, started=started)
             if fills:
                 self.redis.fill_entries(fills)
         return {t: found[t] for t in ids}
 
     def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
         """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
-        key = self.store.validate_key(cache_type, site_id, target_id)
+        key, entry = self._entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
+        near = self.near
+        if near is not None:
+            found = near.get(history_key(entry, limit))
+            if found is not MISS:
+                return found  # type: ignore[no-any-return]
+            epoch, started = near.epoch, near.timer()
         ks = self.keys.keyset(*key)
-        cached = self.redis.get_history(ks, limit)
-        if cached is not MISS and cached is not DOWN:
-            return cached
-        token = self.redis.lease(ks.history_lease) if cached is MISS else None
+        raw = self.redis.get_history(ks, limit)
+        if raw is not MISS and raw is not DOWN:
+            if near is not None:
+                near.put_history(entry, limit, raw, epoch, started)
+            return decode(raw)  # type: ignore[no-any-return]
+        token = self.redis.lease(ks.history_lease) if raw is MISS else None
         rows = self.store.get_history(*key, limit=limit)
-        if token is not None:
-            self.redis.fill_history(ks, token, limit, rows)
+        if token is not None or (near is not None and raw is not DOWN):
+            value = encode(rows)
+            if token is not None:
+                self.redis.fill_history(ks, token, limit, value)
+            if near is not None and raw is not DOWN:
+                near.put_history(entry, limit, value, epoch, started)
         return rows
 
     # -- writes ---------------------------------------------------------------------------------
@@ -261,6 +273,7 @@ class TieredCache:
             return self.store.insert_generating(params)
         finally:
             self.redis.kill([ks], history_only=True)
+            self._evict_near(ks)  # its history answers; the latest entry is simply read again
 
     def finalize_cache(
         self, cache_id: int, result_json: dict[str, Any], score: int | None = None, cache_type: str | None = None
@@ -301,25 +314,34 @@ class TieredCache:
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Invalidate a venue's valid rows (optionally of one type) and drop every key that had one."""
-        params = self.store.site_params(site_id, cache_type)
-        # Leases first, on the keys valid now: a write of one of them in flight cannot store its view after
-        # we commit. (A key that becomes valid between this read and our UPDATE is killed after our commit.)
-        leased = self.store.valid_site_keys(params)
-        self.redis.leases_for_write([self.keys.keyset(*key) for key in leased])
-        changed = self.store.invalidate_site_keys(params["site_id"], params["cache_type"])
-        keysets = [self.keys.keyset(*key) for key in dict.fromkeys([*leased, *changed])]
+        keysets: list[KeySet] = []
+
+        def lease(keys: list[Key]) -> None:
+            # Inside the transaction: a write of one of these keys in flight cannot store its view after us.
+            keysets.extend(self.keys.keyset(*key) for key in keys)
+            self.redis.leases_for_write(keysets)
+
+        try:
+            changed = self.store.invalidate_site_keys(site_id, cache_type, before_commit=lease)
+        except BaseException as exc:
+            if keysets and not (isinstance(exc, StoreUnavailable) and not exc.maybe_committed):
+                self._drop(keysets)  # the commit may have happened before the failure
+            raise
+        self._drop(keysets)
+        return sum(changed.values())
+
+    def _drop(self, keysets: list[KeySet]) -> None:
+        """Kill keys in Redis (owed if it fails) and in this process's near tier."""
         self.redis.kill(keysets)
         for ks in keysets:
             self._evict_near(ks)
-        return sum(changed.values())
 
     def _failed_write(self, ks: KeySet, token: str | None, exc: BaseException) -> None:
         """A write raised: if it may have committed, drop the key everywhere; if it certainly did not, keep the cache."""
         if isinstance(exc, StoreUnavailable) and not exc.maybe_committed:
             self.redis.release(ks, token)
             return
-        self.redis.kill([ks])
-        self._evict_near(ks)
+        self._drop([ks])
 
     def _evict_near(self, ks: KeySet) -> None:
         """Read-your-writes in this process at once, without waiting for our own announcement."""

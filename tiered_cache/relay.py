@@ -12,6 +12,7 @@ import psycopg
 from redis.exceptions import RedisError
 
 from .policy.keys import KeySpace
+from .tiers.postgres import TCP_TIMEOUTS
 from .tiers.redis import RedisTier
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Relay:
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout)
+            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout, **TCP_TIMEOUTS)
         return self._conn
 
     def apply_once(self) -> int:
@@ -128,7 +129,7 @@ class Relay:
     def _wait_for_notify(self, timeout: float) -> None:
         """Sleep until a NOTIFY or the poll interval: NOTIFY only wakes us, the table is read either way."""
         if self._listen is None or self._listen.closed:
-            self._listen = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout)
+            self._listen = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout, **TCP_TIMEOUTS)
             self._listen.execute(f"LISTEN {CHANNEL}")
             return  # a fresh listener may have missed wake-ups: read the table now
         for _ in self._listen.notifies(timeout=timeout, stop_after=1):

@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..errors import ConfigurationError
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
@@ -14,7 +16,7 @@ class CircuitBreaker:
 
     def __init__(self, threshold: int = 2, reset_after: float = 1.0, clock: Callable[[], float] = time.monotonic):
         if threshold < 1 or reset_after <= 0:
-            raise ValueError("threshold must be >= 1 and reset_after > 0")
+            raise ConfigurationError(f"breaker: threshold must be >= 1 and reset_after > 0, got {threshold}, {reset_after}")
         self.threshold = threshold
         self.reset_after = reset_after
         self.clock = clock

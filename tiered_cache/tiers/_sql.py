@@ -79,13 +79,6 @@ WITH upd AS (
 SELECT count(*), pg_current_xact_id()::text FROM upd
 """
 
-# invalidate_site's keys before it runs, so their leases can be taken before its commit.
-VALID_SITE_KEYS = """
-SELECT DISTINCT cache_type, target_id FROM biz.ai_cache
-WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
-  AND (status = 'valid' OR status IS NULL)
-"""
-
 # Every key that had a valid row in this statement's snapshot is returned (count 0 when a concurrent
 # invalidation got to its rows first): the caller drops them all, so it reads its own invalidation
 # even while that other invalidation has not reached Redis yet.

@@ -1,4 +1,4 @@
-"""Near tier: an in-process cache of get_latest answers, bounded in count, bytes and age.
+"""Near tier: an in-process cache of get_latest and get_history answers, bounded in count, bytes and age.
 
 Entries are stored encoded and decoded on every hit, so a caller that mutates a returned dict never
 changes what the next read returns (decoding is also cheaper than a deep copy). Every entry dies at
@@ -14,10 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TLRUCache
+from cachetools import LRUCache
 
 from ..contracts import MISS
+from ..errors import ConfigurationError
 from ..policy.entries import decode, expires_at_ms
+
+_STRIPES = 64  # evictions guard puts per stripe of keys, so one change does not cancel every read in flight
 
 
 @dataclass
@@ -33,8 +36,17 @@ class NearStats:
     invalidations: int = 0
 
 
+def history_key(entry: str, limit: int) -> str:
+    """The near key of a get_history answer; entry keys end in '}', so this never names an entry."""
+    return f"{entry}#h{limit}"
+
+
 class NearTier:
-    """A thread-safe TLRU cache of encoded rows, usable only while its coherence listener is subscribed."""
+    """A thread-safe LRU of (deadline, encoded answer), usable only while its coherence listener is subscribed.
+
+    A plain LRU with the deadline checked on read costs less per put than cachetools' TLRU heap, which
+    profiling showed dominating get_many once the working set outgrew the tier.
+    """
 
     def __init__(
         self,
@@ -46,77 +58,94 @@ class NearTier:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if max_entries < 1 or max_bytes < 1 or not max_age > 0:
-            raise ValueError("max_entries and max_bytes must be >= 1 and max_age > 0")
+            raise ConfigurationError("near tier: max_entries and max_bytes must be >= 1 and max_age > 0")
         self.max_age = max_age
         self.timer = timer
         self.wall_clock = wall_clock
         # One size unit per byte, but never less than an equal share (rounded up), in a budget of exactly
         # max_entries shares: at most max_entries entries, and max_bytes (+ under max_entries) bytes.
         floor = max(1, -(-max_bytes // max_entries))
-        self._cache: TLRUCache[str, bytes] = TLRUCache(
-            maxsize=floor * max_entries, ttu=self._ttu, timer=timer, getsizeof=lambda raw: max(len(raw), floor)
+        self._cache: LRUCache[str, tuple[float, bytes]] = LRUCache(
+            maxsize=floor * max_entries, getsizeof=lambda item: max(len(item[1]), floor)
         )
         self._lock = threading.Lock()
-        self._deadline: dict[str, float] = {}
+        self._limits: set[int] = set()  # history limits ever stored, so an eviction can find their keys
         self.stats = NearStats()
-        #: Bumped by every eviction or flush: a read that saw it move must not store what it read.
+        #: Bumped by every eviction or flush; a read notes it first and may store only if its stripe
+        #: has not been bumped since.
         self.epoch = 0
+        self._bumped = [0] * _STRIPES
         #: False until the listener is subscribed (and after it loses its connection): no puts, no hits.
         self.active = False
 
-    def _ttu(self, key: str, raw: bytes, now: float) -> float:
-        """Time to use: the deadline computed at put time."""
-        return self._deadline.pop(key, now + self.max_age)
-
     def get(self, key: str) -> Any:
-        """The cached row (a fresh dict), None for a cached 'no row', or MISS."""
+        """The cached answer (freshly decoded), None for a cached 'no row', or MISS."""
         if not self.active:
             return MISS
         with self._lock:
-            raw = self._cache.get(key)
-        if raw is None:
+            item = self._cache.get(key)
+            if item is not None and item[0] <= self.timer():
+                del self._cache[key]
+                item = None
+        if item is None:
             self.stats.misses += 1
             return MISS
         self.stats.hits += 1
-        return decode(raw)
+        return decode(item[1])
 
-    def put(self, key: str, raw: bytes, row: dict[str, Any] | None, epoch: int) -> None:
-        """Store an answer read when the epoch was `epoch`, unless something was evicted since."""
+    def put(
+        self, key: str, raw: bytes, row: dict[str, Any] | None, epoch: int, *, base: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """Store an answer read when the epoch was `epoch`, unless its key (or `base` entry) was evicted since.
+
+        `started` (this tier's timer when the read began) starts the max_age clock, so a slow read cannot
+        stretch the staleness bound.
+        """
         if not self.active:
             return
         now = self.timer()
-        deadline = now + self.max_age
+        deadline = (now if started is None else started) + self.max_age
         at = expires_at_ms(row)
         if at is not None:
             deadline = min(deadline, now + (at / 1000.0 - self.wall_clock()))
-            if deadline <= now:
-                return
+        if deadline <= now:
+            return
+        stripe = hash(base or key) % _STRIPES
         with self._lock:
-            if epoch != self.epoch:
+            if self._bumped[stripe] > epoch:
                 self.stats.puts_skipped += 1
                 return
-            self._deadline[key] = deadline
             try:
-                self._cache[key] = raw
+                self._cache[key] = (deadline, raw)
             except ValueError:  # value too large for the whole cache
-                self._deadline.pop(key, None)
                 return
         self.stats.puts += 1
 
+    def put_history(self, entry: str, limit: int, raw: bytes, epoch: int, started: float | None = None) -> None:
+        """Store a get_history answer; it is evicted with its entry."""
+        if limit not in self._limits:
+            with self._lock:
+                self._limits.add(limit)
+        self.put(history_key(entry, limit), raw, None, epoch, base=entry, started=started)
+
     def evict(self, key: str) -> None:
-        """Drop one key (a change was announced or made here)."""
+        """Drop one entry and its history answers (a change was announced or made here)."""
         with self._lock:
             self.epoch += 1
+            self._bumped[hash(key) % _STRIPES] = self.epoch
             if self._cache.pop(key, None) is not None:
                 self.stats.evictions += 1
+            for limit in self._limits:
+                self._cache.pop(history_key(key, limit), None)
         self.stats.invalidations += 1
 
     def flush(self) -> None:
         """Drop everything (a gap, a lost connection, a restarted Redis)."""
         with self._lock:
             self.epoch += 1
+            self._bumped = [self.epoch] * _STRIPES
             self._cache.clear()
-            self._deadline.clear()
         self.stats.flushes += 1
 
     def __len__(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +47,11 @@ class SweepReport:
     outbox_pruned: int = 0
 
 
+#: libpq settings that bound a silent (blackholed) PostgreSQL to about 5 s per call.
+TCP_TIMEOUTS = {"tcp_user_timeout": 5000, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1,
+                "keepalives_count": 3}
+
+
 class PostgresStore:
     """The seed's operations over a pool: same names, arguments and return shapes, none of its defects."""
 
@@ -84,6 +89,8 @@ class PostgresStore:
             kwargs={
                 "autocommit": True,
                 "connect_timeout": connect_timeout,
+                # A blackholed server must fail a call in seconds, not after the kernel's ~15 min of retries.
+                **TCP_TIMEOUTS,
                 # Render timestamps in the venues' zone, as the old service's sessions did.
                 "options": f"-c TimeZone={self.policy.zone}",
             },
@@ -105,6 +112,9 @@ class PostgresStore:
         except psycopg_pool.PoolTimeout as exc:
             raise StoreUnavailable(f"no PostgreSQL connection after {self.pool_timeout:.2f} sec: {exc}") from exc
         except psycopg.OperationalError as exc:
+            if exc.sqlstate is not None and not exc.sqlstate.startswith(("08", "57P")):
+                # A statement error (timeout, deadlock, lock not available): it rolled back, the link is fine.
+                raise StoreUnavailable(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
             # One outage breaks every idle connection alike; closing them is local and instant.
             self._pool.drain()
             raise _BrokenConnection(f"PostgreSQL failed: {exc}", maybe_committed=True) from exc
@@ -114,22 +124,33 @@ class PostgresStore:
     def _read(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run a read; one retry on a fresh connection if a pooled one broke (it may predate a restart)."""
         try:
-            with self._conn() as conn:
-                return conn.execute(sql, params, prepare=True).fetchall()
-        except _BrokenConnection:
-            with self._conn() as conn:
-                return conn.execute(sql, params, prepare=True).fetchall()
+            try:
+                with self._conn() as conn:
+                    return conn.execute(sql, params, prepare=True).fetchall()
+            except _BrokenConnection:
+                with self._conn() as conn:
+                    return conn.execute(sql, params, prepare=True).fetchall()
+        except ValueError as exc:  # a stored value psycopg or orjson cannot load (e.g. a number beyond a double)
+            raise StoreUnavailable(f"PostgreSQL returned a value that cannot be decoded: {exc}") from exc
 
     def _write(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
-        """Run one autocommit write on a connection just proven alive, so a restart costs no write."""
+        """Run one autocommit write on a connection just proven alive, so an outage never leaves its outcome unknown."""
+        probe_failed = False
         try:
             with self._conn() as conn:
-                conn.execute("")  # liveness probe: an idle connection may predate a restart
+                try:
+                    # A pooled connection may predate an outage: if this probe fails, the write was never sent.
+                    conn.execute("")
+                except psycopg.OperationalError:
+                    probe_failed = True
+                    raise
+                cur = conn.execute(sql, params, prepare=True)
+                return _answer(cur)
         except _BrokenConnection:
-            pass  # the pool was drained; the write below gets a fresh connection or fails clearly
-        with self._conn() as conn:
-            cur = conn.execute(sql, params, prepare=True)
-            return (cur.fetchall() if cur.description else []), cur.rowcount
+            if not probe_failed:
+                raise  # the write itself may have reached the server: never send it twice
+        with self._conn() as conn:  # the pool was drained: a fresh connection, or a clear failure
+            return _answer(conn.execute(sql, params, prepare=True))
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -315,16 +336,33 @@ class PostgresStore:
             "cache_type": check.optional_name("cache_type", cache_type, self.limits.max_name_length),
         }
 
-    def valid_site_keys(self, params: dict[str, Any]) -> list[Key]:
-        """The keys of a venue (optionally of one type) that have a valid row now."""
-        rows = self._read(_sql.VALID_SITE_KEYS, params)
-        return [(ct, params["site_id"], target) for ct, target in rows]
+    def invalidate_site_keys(
+        self, site_id: object, cache_type: object = None, *, before_commit: Callable[[list[Key]], None] | None = None
+    ) -> dict[Key, int]:
+        """invalidate_site, returning each key that was valid when it ran and how many rows it changed there.
 
-    def invalidate_site_keys(self, site_id: object, cache_type: object = None) -> dict[Key, int]:
-        """invalidate_site, returning each key that was valid when it ran and how many rows it changed there."""
+        before_commit gets those keys while the transaction still holds their rows (the facade leases them).
+        """
         params = self.site_params(site_id, cache_type)
-        rows, _ = self._write(_sql.INVALIDATE_SITE, params)
-        return {(ct, params["site_id"], target): n for ct, target, n in rows}
+        site = params["site_id"]
+        probe_failed = False
+        try:
+            with self._conn() as conn:
+                try:
+                    conn.execute("")  # as in _write: a failed probe means nothing was sent
+                except psycopg.OperationalError:
+                    probe_failed = True
+                    raise
+                with conn.transaction():
+                    rows = conn.execute(_sql.INVALIDATE_SITE, params, prepare=True).fetchall()
+                    changed = {(ct, site, target): n for ct, target, n in rows}
+                    if before_commit is not None:
+                        before_commit(list(changed))
+                return changed
+        except _BrokenConnection:
+            if not probe_failed:
+                raise
+        return self.invalidate_site_keys(site_id, cache_type, before_commit=before_commit)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -393,6 +431,14 @@ try:  # private API, checked here: without it the pool still works, it only reco
 
 except (ImportError, AttributeError):  # pragma: no cover - a psycopg_pool without that internal
     _Pool = psycopg_pool.ConnectionPool  # type: ignore[misc]
+
+
+def _answer(cur: psycopg.Cursor[Any]) -> tuple[list[tuple[Any, ...]], int]:
+    """A committed write's rows and count; failing to decode them does not undo the commit."""
+    try:
+        return (cur.fetchall() if cur.description else []), cur.rowcount
+    except (psycopg.Error, ValueError) as exc:
+        raise StoreUnavailable(f"the write committed but its answer could not be read: {exc}", maybe_committed=True) from exc
 
 
 class _BrokenConnection(StoreUnavailable):

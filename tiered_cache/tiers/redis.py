@@ -24,12 +24,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..contracts import DOWN, MISS, Row, _Sentinel
 from ..policy.breaker import CLOSED, CircuitBreaker
-from ..policy.entries import decode, encode, encode_entry, expires_at_ms
+from ..policy.entries import encode, encode_entry, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
 
 logger = logging.getLogger(__name__)
 
 _OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+_DRAIN_CHUNK = 500  # owed kills per pipeline, so one drain never holds a connection for long
 
 #: lease_for_write displaced another writer's lease: kill after the commit, store nothing.
 CONTENDED = _Sentinel("CONTENDED")
@@ -177,6 +179,7 @@ class RedisTier:
         # Kills that could not reach Redis; applied before this process reads Redis again.
         self._pending: dict[str, KeySet] = {}
         self._pending_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._drainer: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -188,7 +191,7 @@ class RedisTier:
 
     def _usable(self) -> bool:
         """Breaker allows a call and no earlier kill is still owed to Redis."""
-        if self._pending and not self.drain_pending():
+        if self._pending and not self.drain_pending(max_chunks=1):  # the drainer thread takes the rest
             return False
         if self.breaker.allow():
             return True
@@ -216,8 +219,11 @@ class RedisTier:
             client.script_load(script.text)
             return client.evalsha(script.sha, len(keys), *keys, *args)
 
-    def _run_pipeline(self, commands: list[tuple[_Script | str, tuple[Any, ...]]]) -> list[Any]:
-        """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent."""
+    def _run_pipeline(self, commands: list[tuple[_Script | str, tuple[Any, ...]]], *, strict: bool = False) -> list[Any]:
+        """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent.
+
+        strict: any error answer (READONLY, MISCONF, ...) raises, so a kill is confirmed only by a real answer.
+        """
         results = self._send(commands)
         lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if lost:
@@ -227,7 +233,7 @@ class RedisTier:
             for i, r in zip(lost, again):
                 results[i] = r
         for r in results:
-            if isinstance(r, _OUTAGE):
+            if isinstance(r, _OUTAGE) or (strict and isinstance(r, Exception)):
                 raise r
         return results
 
@@ -280,7 +286,7 @@ class RedisTier:
         return [MISS if raw is None else raw for raw in raws] if misses else raws
 
     def get_history(self, ks: KeySet, limit: int) -> Any:
-        """Cached history rows for this limit, MISS, or DOWN."""
+        """Cached history rows for this limit, encoded; MISS, or DOWN."""
         if not self._usable():
             return DOWN
         try:
@@ -293,7 +299,7 @@ class RedisTier:
             self.stats.misses += 1
             return MISS
         self.stats.hits += 1
-        return decode(raw)
+        return raw
 
     # -- leases and fills -----------------------------------------------------------------------
 
@@ -356,11 +362,11 @@ class RedisTier:
             else:
                 self._count_fill(done)
 
-    def fill_history(self, ks: KeySet, token: str, limit: int, rows: list[Row]) -> None:
-        """Store a history answer under its limit, if the history lease still stands."""
+    def fill_history(self, ks: KeySet, token: str, limit: int, value: bytes) -> None:
+        """Store a history answer (`value`, encoded) under its limit, if the history lease still stands."""
         try:
             done = self._evalsha(
-                self.client, _FILL, (ks.history, ks.history_lease), (token, encode(rows), "px", self.history_ms, str(limit))
+                self.client, _FILL, (ks.history, ks.history_lease), (token, value, "px", self.history_ms, str(limit))
             )
         except RedisError as exc:
             self._failed(exc)
@@ -407,9 +413,10 @@ class RedisTier:
     def write_through(self, ks: KeySet, token: Any, latest: Row | None, txid: str | None = None) -> None:
         """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
 
-        If the breaker skipped the lease (None) the kill is still tried once: Redis may be back, and
-        another process may hold a lease taken before our commit that only our kill can refuse. If the
-        lease call itself just failed (DOWN), the kill is owed at once instead of paying a second timeout.
+        If the breaker skipped the lease (None) or another writer holds the key (CONTENDED), the kill is
+        still tried once: Redis may answer now, and another process may hold a lease taken before our
+        commit that only our kill can refuse. If the lease call itself just failed (DOWN), the kill is
+        owed at once (the drainer retries within milliseconds) so a write pays at most one redis_timeout.
         """
         if token is DOWN:
             return self._owe_kill(ks)
@@ -459,7 +466,9 @@ class RedisTier:
             noop = message[: len(message) - len(ks.entry)]
             commands.append((_KILL, (ks.all, (self.channel, message, scope, txids[i] if txids else "", noop))))
         try:
-            results = self._run_pipeline(commands)  # type: ignore[arg-type]
+            results = self._run_pipeline(commands, strict=True)  # type: ignore[arg-type]
+            if any(r not in (0, 1) for r in results):
+                raise RedisError(f"unexpected answer to a kill: {results!r}")
         except RedisError as exc:
             self._failed(exc)
             raise
@@ -510,22 +519,36 @@ class RedisTier:
             self.stats.pending_kills = len(self._pending)
         self._start_drainer()
 
-    def drain_pending(self) -> bool:
-        """Apply owed kills; True when none is left. Removed only after Redis confirmed them."""
-        with self._pending_lock:
-            owed = list(self._pending.values())
-        if not owed or not self.breaker.allow():
-            return not owed
-        try:
-            self.kill_or_raise(owed)
-        except RedisError:
-            return False
-        with self._pending_lock:
-            for ks in owed:
-                if self._pending.get(ks.entry) is ks:
-                    del self._pending[ks.entry]
-            self.stats.pending_kills = len(self._pending)
+    def drain_pending(self, max_chunks: int | None = None) -> bool:
+        """Apply owed kills, one drainer at a time, in chunks; True when none is left.
+
+        A kill leaves the owed set only after Redis confirmed it. A caller that finds another drain
+        under way does not wait for it: it answers False (this process keeps off Redis meanwhile).
+        """
+        if not self._drain_lock.acquire(blocking=False):
             return not self._pending
+        try:
+            chunks = 0
+            while max_chunks is None or chunks < max_chunks:
+                chunks += 1
+                with self._pending_lock:
+                    owed = list(self._pending.values())[:_DRAIN_CHUNK]
+                if not owed:
+                    return True
+                if not self.breaker.allow():
+                    return False
+                try:
+                    self.kill_or_raise(owed)
+                except RedisError:
+                    return False
+                with self._pending_lock:
+                    for ks in owed:
+                        if self._pending.get(ks.entry) is ks:
+                            del self._pending[ks.entry]
+                    self.stats.pending_kills = len(self._pending)
+            return not self._pending
+        finally:
+            self._drain_lock.release()
 
     def _start_drainer(self) -> None:
         """One background thread retries owed kills, so other processes stop seeing them soon too."""
