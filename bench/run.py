@@ -672,9 +672,9 @@ def _notes(contenders: list[dict[str, Any]], dims: Any, near: str | None) -> lis
         "each cache contender has its own Redis namespace and sees its own writes only; all write the same table",
     ]
     if near:
-        out.append(f"TieredCache near+redis: {near}={NEAR_ENTRIES:,}; the near tier serves get_latest and "
-                   f"get_many only: get_history always goes to Redis, so its chat figures (and its ratio to the in-process "
-                   f"floor, which serves histories from memory too) include those round trips")
+        out.append(f"TieredCache near+redis: {near}={NEAR_ENTRIES:,}; the near tier pays off only when the hot set "
+                   f"fits in it and is re-read within near_max_age; a working set larger than the tier costs a put "
+                   f"per miss for few hits")
     for c in contenders:
         if c["status"] in ("skipped", "failed"):
             out.append(f"{c['name']}: {c['status']} — {c['reason']}")

@@ -23,7 +23,10 @@ def build(dsn: str, redis_url: str, near_max_age: float) -> Any:
     """A near-enabled TieredCache whose listener is subscribed (its near tier is active)."""
     from tiered_cache import TieredCache
 
-    cache = TieredCache.connect(dsn, redis_url, near_max_entries=1000, near_max_age=near_max_age)
+    # 1 s Redis timeout: these tests pin coherence; a loaded 2-core runner can stall a reply past the
+    # 50 ms default, which is the fault path (test_faults.py).
+    cache = TieredCache.connect(
+        dsn, redis_url, redis_timeout=1.0, near_max_entries=1000, near_max_age=near_max_age)
     if not cache.listener.subscribed.wait(10):
         cache.close()
         raise RuntimeError("coherence listener did not subscribe within 10 s")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 import redis
 
-from tiered_cache import PostgresStore, migrate
+from tiered_cache import PostgresStore, TieredCache, migrate
 from tiered_cache.testing import PostgresServer, RedisServer
 
 
@@ -78,6 +78,19 @@ def store(dsn: str) -> Iterator[PostgresStore]:
         yield s
 
 
+@pytest.fixture
+def figure(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print a measured figure: on the terminal (capsys.disabled) and in the captured output (-rA)."""
+
+    def emit(line: str) -> None:
+        print(line)
+        if request.config.getoption("capture") != "no":
+            with capsys.disabled():
+                print(line)
+
+    return emit
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Say which server binaries the run uses, as psycopg's suite does."""
     import subprocess
@@ -99,9 +112,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 @pytest.fixture
-def cache(dsn: str, redis_url: str) -> Iterator["TieredCache"]:
+def cache(dsn: str, redis_url: str) -> Iterator[TieredCache]:
     """A TieredCache over the emptied database and the flushed redis-server."""
-    from tiered_cache import TieredCache
-
     with TieredCache.connect(dsn, redis_url) as c:
         yield c

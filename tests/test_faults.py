@@ -39,6 +39,7 @@ from tiered_cache.policy.entries import encode_entry
 from tiered_cache.relay import Relay
 from tiered_cache.testing import PostgresServer, RedisServer
 from tiered_cache.verify import verify
+from _util import pct, wait_until
 
 CT = "app3_clue"
 SITE = 11
@@ -48,32 +49,6 @@ NO_RETRY = Retry(NoBackoff(), 0)
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def figure(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
-    """Print a figure line: on the terminal (capsys.disabled) and in the captured output (-rA)."""
-
-    def emit(line: str) -> None:
-        print(line)
-        if request.config.getoption("capture") != "no":
-            with capsys.disabled():
-                print(line)
-
-    return emit
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.005, what: str = "condition") -> float:
-    start = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not true after {timeout:.1f} s")
-        time.sleep(interval)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
 
 
 def ms(x: float) -> str:

@@ -77,7 +77,10 @@ def _wait(pred: Callable[[], Any], timeout: float = 5.0, what: str = "condition"
 @contextmanager
 def near_cache(dsn: str, redis_url: str, max_age: float = 30.0) -> Iterator[TieredCache]:
     """A near-enabled TieredCache whose listener is subscribed."""
-    cache = TieredCache.connect(dsn, redis_url, near_max_entries=1000, near_max_age=max_age)
+    # 1 s Redis timeout: these tests pin coherence; a loaded 2-core runner can stall a reply past the
+    # 50 ms default, which is the fault path (test_faults.py).
+    cache = TieredCache.connect(
+        dsn, redis_url, redis_timeout=1.0, near_max_entries=1000, near_max_age=max_age)
     try:
         assert cache.listener is not None and cache.near is not None
         assert cache.listener.subscribed.wait(5), "listener did not subscribe"

@@ -282,7 +282,7 @@ def test_all_keys_of_a_keyset_share_one_hash_tag(ns: str, key: tuple[str, int, s
     space = KeySpace(ns)
     ks = space.keyset(*key)
     assert isinstance(ks, KeySet)
-    keys = (*ks.all, space.entry(*key), space.lease(*key))
+    keys = (*ks.all, space.entry(*key))
     tags = {hash_tag(k) for k in keys}
     assert len(tags) == 1
     (tag,) = tags
@@ -290,7 +290,7 @@ def test_all_keys_of_a_keyset_share_one_hash_tag(ns: str, key: tuple[str, int, s
     assert all(k.index("{") > 0 and k[k.index("{") + 1 : k.index("}", k.index("{"))] == tag for k in keys)
     assert tag == space.tag(*key).strip("{}")
     assert ks.entry == space.entry(*key)
-    assert ks.lease == space.lease(*key)
+    assert ks.entry == space.entry(*key)
     assert len(set(ks.all)) == 5
 
 
@@ -310,7 +310,7 @@ def test_parse_entry_rejects_foreign_keys() -> None:
     with pytest.raises(ValueError):
         space.parse_entry(KeySpace("other").entry("a", 1, "b"))
     with pytest.raises(ValueError):
-        space.parse_entry(space.lease("a", 1, "b"))
+        space.parse_entry(space.keyset("a", 1, "b").lease)
 
 
 @pytest.mark.parametrize(
@@ -328,9 +328,8 @@ def test_bad_namespace_is_rejected(namespace: object) -> None:
 
 
 def test_good_namespace_is_used_as_prefix() -> None:
-    """Keys, the change channel and the sequence key all start with the namespace."""
+    """Keys and the change channel all start with the namespace."""
     space = KeySpace("prod:cache")
     assert space.entry("a", 1, "b").startswith("prod:cache:e:{")
     assert space.channel.startswith("prod:cache:")
-    assert space.sequence.startswith("prod:cache:")
     assert KeySpace("x" * 64).namespace == "x" * 64

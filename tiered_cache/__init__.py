@@ -5,7 +5,6 @@ from .errors import (
     InvalidInput,
     MigrationError,
     StoreUnavailable,
-    TierUnavailable,
     TieredCacheError,
 )
 from .facade import TieredCache, redis_client
@@ -24,7 +23,6 @@ __all__ = [
     "PostgresStore",
     "StoreUnavailable",
     "SweepReport",
-    "TierUnavailable",
     "TieredCache",
     "TieredCacheError",
     "migrate",

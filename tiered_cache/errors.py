@@ -29,9 +29,5 @@ class StoreUnavailable(TieredCacheError):
         self.maybe_committed = maybe_committed
 
 
-class TierUnavailable(TieredCacheError):
-    """A cache tier failed; the facade degrades past it, so callers rarely see this."""
-
-
 class MigrationError(TieredCacheError):
     """The schema could not be brought to the version this library needs."""

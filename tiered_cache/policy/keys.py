@@ -48,13 +48,12 @@ class KeySet:
 class KeySpace:
     """Builds keys under one namespace; pure and cheap, called on every read."""
 
-    __slots__ = ("namespace", "_prefix", "channel", "sequence")
+    __slots__ = ("namespace", "_prefix", "channel")
 
     def __init__(self, namespace: str = "tc") -> None:
         self.namespace = validate_namespace(namespace)
         self._prefix = namespace + ":"
         self.channel = namespace + ":changes"
-        self.sequence = namespace + ":changes:seq"
 
     def tag(self, cache_type: str, site_id: int, target_id: str) -> str:
         """The hash-tag body; injective because no escaped part contains ':' and site_id is an int."""
@@ -62,17 +61,13 @@ class KeySpace:
 
     def entry(self, cache_type: str, site_id: int, target_id: str) -> str:
         """Key of the latest-result entry (or negative entry)."""
-        return f"{self._prefix}e:{{{escape(cache_type)}:{site_id}:{escape(target_id)}}}"
+        return self._prefix + "e:" + self.tag(cache_type, site_id, target_id)
 
     def keyset(self, cache_type: str, site_id: int, target_id: str) -> KeySet:
         """All keys of one cache key."""
         tag = self.tag(cache_type, site_id, target_id)
         p = self._prefix
         return KeySet(p + "e:" + tag, p + "h:" + tag, p + "l:" + tag, p + "lh:" + tag, p + "w:" + tag)
-
-    def lease(self, cache_type: str, site_id: int, target_id: str) -> str:
-        """Key of the fill lease for the latest-result entry."""
-        return f"{self._prefix}l:{self.tag(cache_type, site_id, target_id)}"
 
     def parse_entry(self, key: str) -> tuple[str, int, str]:
         """Inverse of entry(); used by verify and tests to prove injectivity."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 LATEST_COLUMNS = (
@@ -175,7 +174,3 @@ def pick_servable(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
             best = row
     return None if best is None else row_dict(LATEST_COLUMNS, best[:-2])
 
-
-def as_datetime(value: str) -> datetime:
-    """Parse an ISO string produced by row_dict."""
-    return datetime.fromisoformat(value)

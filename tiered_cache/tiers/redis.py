@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..contracts import DOWN, MISS, Row, _Sentinel
 from ..policy.breaker import CLOSED, CircuitBreaker
-from ..policy.entries import encode, encode_entry, expires_at_ms
+from ..policy.entries import encode_entry, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
 
 logger = logging.getLogger(__name__)
@@ -256,10 +256,18 @@ class RedisTier:
 
     def get_raw(self, key: str) -> Any:
         """The encoded entry (a row, or NEGATIVE for a cached 'no row'), MISS, or DOWN."""
+        return self._get(self.client.get, key)
+
+    def get_history(self, ks: KeySet, limit: int) -> Any:
+        """Cached history rows for this limit, encoded; MISS, or DOWN."""
+        return self._get(self.client.hget, ks.history, str(limit))
+
+    def _get(self, command: Any, *args: str) -> Any:
+        """One read command on the hit path: skipped while the breaker is open or kills are owed."""
         if (self._pending or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
-            raw = self.client.get(key)
+            raw = command(*args)
         except RedisError as exc:
             self._failed(exc)
             return DOWN
@@ -284,22 +292,6 @@ class RedisTier:
         self.stats.misses += misses
         self.stats.hits += len(raws) - misses
         return [MISS if raw is None else raw for raw in raws] if misses else raws
-
-    def get_history(self, ks: KeySet, limit: int) -> Any:
-        """Cached history rows for this limit, encoded; MISS, or DOWN."""
-        if not self._usable():
-            return DOWN
-        try:
-            raw = self.client.hget(ks.history, str(limit))
-        except RedisError as exc:
-            self._failed(exc)
-            return DOWN
-        self._ok()
-        if raw is None:
-            self.stats.misses += 1
-            return MISS
-        self.stats.hits += 1
-        return raw
 
     # -- leases and fills -----------------------------------------------------------------------
 
