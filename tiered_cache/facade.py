@@ -20,7 +20,7 @@ from .policy.keys import KeySet, KeySpace
 from .relay import Relay
 from .tiers.near import NearTier, history_key
 from .tiers.postgres import PostgresStore
-from .tiers.redis import RedisTier
+from .tiers.redis import RedisTier, RunWatch
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) 
     """A client whose every call is bounded by `timeout`: no retries, a blocking pool, so a sick Redis cannot pile up threads."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
+        redis_connect_func=RunWatch(),  # a restarted Redis is emptied of our keys before it serves us
         max_connections=max_connections,
         timeout=timeout,
         socket_timeout=timeout,
