@@ -679,3 +679,27 @@ def test_every_call_while_postgres_is_down_fails_within_pool_timeout(pg_server: 
         finally:
             pg_server.start()
         assert not slow, f"pool_timeout=1 but: {slow}"
+
+
+def test_a_write_that_lost_a_deadlock_is_run_again() -> None:
+    """A write PostgreSQL rolled back to break a deadlock (or a serialization race) is retried, at most 3 tries."""
+    from tiered_cache.tiers.postgres import _Conflict, _retry_conflicts
+
+    tries: list[int] = []
+
+    def lose_twice() -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise _Conflict("deadlock detected")
+        return "committed"
+
+    assert _retry_conflicts(lose_twice) == "committed" and len(tries) == 3
+    tries.clear()
+
+    def always_lose() -> str:
+        tries.append(1)
+        raise _Conflict("deadlock detected")
+
+    with pytest.raises(StoreUnavailable):
+        _retry_conflicts(always_lose)
+    assert len(tries) == 3

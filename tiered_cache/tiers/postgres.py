@@ -112,8 +112,10 @@ class PostgresStore:
         except psycopg_pool.PoolTimeout as exc:
             raise StoreUnavailable(f"no PostgreSQL connection after {self.pool_timeout:.2f} sec: {exc}") from exc
         except psycopg.OperationalError as exc:
+            if exc.sqlstate in _RETRYABLE:  # deadlock or serialization failure: rolled back, safe to run again
+                raise _Conflict(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
             if exc.sqlstate is not None and not exc.sqlstate.startswith(("08", "57P")):
-                # A statement error (timeout, deadlock, lock not available): it rolled back, the link is fine.
+                # A statement error (timeout, lock not available): it rolled back, the link is fine.
                 raise StoreUnavailable(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
             # One outage breaks every idle connection alike; closing them is local and instant.
             self._pool.drain()
@@ -134,6 +136,10 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL returned a value that cannot be decoded: {exc}") from exc
 
     def _write(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
+        """Run one autocommit write; a deadlock or serialization failure (rolled back) is run again, twice at most."""
+        return _retry_conflicts(lambda: self._write_once(sql, params))
+
+    def _write_once(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
         """Run one autocommit write on a connection just proven alive, so an outage never leaves its outcome unknown."""
         probe_failed = False
         try:
@@ -344,6 +350,12 @@ class PostgresStore:
         before_commit gets those keys while the transaction still holds their rows (the facade leases them).
         """
         params = self.site_params(site_id, cache_type)
+        return _retry_conflicts(lambda: self._invalidate_site_once(params, before_commit))
+
+    def _invalidate_site_once(
+        self, params: dict[str, Any], before_commit: Callable[[list[Key]], None] | None
+    ) -> dict[Key, int]:
+        """One try of invalidate_site_keys, in a transaction."""
         site = params["site_id"]
         probe_failed = False
         try:
@@ -362,7 +374,7 @@ class PostgresStore:
         except _BrokenConnection:
             if not probe_failed:
                 raise
-        return self.invalidate_site_keys(site_id, cache_type, before_commit=before_commit)
+        return self._invalidate_site_once(params, before_commit)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -439,6 +451,24 @@ def _answer(cur: psycopg.Cursor[Any]) -> tuple[list[tuple[Any, ...]], int]:
         return (cur.fetchall() if cur.description else []), cur.rowcount
     except (psycopg.Error, ValueError) as exc:
         raise StoreUnavailable(f"the write committed but its answer could not be read: {exc}", maybe_committed=True) from exc
+
+
+_RETRYABLE = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+class _Conflict(StoreUnavailable):
+    """The statement lost a deadlock or serialization race and was rolled back: running it again is safe."""
+
+
+def _retry_conflicts(run: Callable[[], Any], attempts: int = 3) -> Any:
+    """Run a write again when PostgreSQL rolled it back to break a deadlock (as its manual advises)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except _Conflict:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 class _BrokenConnection(StoreUnavailable):
