@@ -433,7 +433,8 @@ class Observation:
 
 
 class ObservingStore(PostgresStore):
-    """A writer's store that reads get_latest of each key it just changed, right after the commit."""
+    """A writer's store that records what each key it just changed serves after the commit: for writes and
+    finalizes as computed by the writing statement itself; for invalidations by a read right after."""
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn, max_size=3)
@@ -445,15 +446,22 @@ class ObservingStore(PostgresStore):
             row = super().get_latest(CT, SITE, key)
             self.pending.append((s, time.monotonic_ns(), key, _order(row), after))
 
+    def _observed(self, key: str, latest: dict[str, Any] | None, after: str, start: int) -> None:
+        """What the writing statement itself said get_latest serves at its commit: atomic with that commit,
+        so a concurrent writer's later commit (whose write has not returned) cannot leak into the oracle."""
+        self.pending.append((start, time.monotonic_ns(), key, _order(latest), after))
+
     def write(self, params: dict[str, Any]) -> Any:
+        start = time.monotonic_ns()
         out = super().write(params)
-        self._observe([params["target_id"]], "write_cache")
+        self._observed(params["target_id"], out.latest, "write_cache", start)
         return out
 
     def finalize(self, params: dict[str, Any]) -> Any:
+        start = time.monotonic_ns()
         out = super().finalize(params)
         if out.changed:
-            self._observe([params["target_id"]], "finalize_cache")
+            self._observed(params["target_id"], out.latest, "finalize_cache", start)
         return out
 
     def invalidate_outcome(self, params: dict[str, Any]) -> Any:
