@@ -396,15 +396,6 @@ class TieredContender(StoreContender):
         if self.cache.listener is not None:  # the near tier serves only once its listener is subscribed
             self.cache.listener.subscribed.wait(5)
 
-    def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Any:
-        return self.cache.get_latest(cache_type, site_id, target_id)
-
-    def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int) -> Any:
-        return self.cache.get_history(cache_type, site_id, target_id, limit)
-
-    def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> Any:
-        return self.cache.get_many(cache_type, site_id, target_ids)
-
     def tier_stats(self) -> dict[str, int]:
         s = self.cache.stats()
         out = {"redis_hits": s["redis"]["hits"], "redis_misses": s["redis"]["misses"],
