@@ -32,7 +32,7 @@ class VerifyReport:
     @property
     def nines(self) -> float:
         """The share as a count of nines (inf when every entry agreed)."""
-        return math.inf if self.share >= 1.0 else -math.log10(1.0 - self.share)
+        return math.inf if self.share >= 1.0 else max(0.0, -math.log10(1.0 - self.share))
 
     def summary(self) -> str:
         nines = "all" if math.isinf(self.nines) else f"{self.nines:.2f} nines"
@@ -178,7 +178,7 @@ class Tally:
     @property
     def nines(self) -> float:
         """-log10 of the inconsistent share (inf when nothing was stale), as Polaris reports cache consistency."""
-        return math.inf if self.share >= 1.0 else -math.log10(1.0 - self.share)
+        return math.inf if self.share >= 1.0 else max(0.0, -math.log10(1.0 - self.share))
 
 
 class Tallies:

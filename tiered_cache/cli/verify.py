@@ -85,9 +85,9 @@ def _continuous(args: argparse.Namespace) -> int:
             with stop_on_signals() as stop:
                 total = prober.run(report_every=args.report_every, stop=stop,
                                    report=lambda elapsed, period: print(report_line(elapsed, period), flush=True))
+            sampled = verify(writer, sample=args.sample)  # before the cleanup, so probe entries are in the sample
         finally:
             cleaned = prober.cleanup()
-        sampled = verify(writer, sample=args.sample)
     print("\n".join(summary_lines(total)))
     print(f"sampled comparison (Redis against PostgreSQL): {sampled.summary()}")
     print(f"probe rows invalidated: {cleaned}")
