@@ -12,6 +12,7 @@ import redis
 
 from tiered_cache import TieredCache
 from tiered_cache.cli import main
+from tiered_cache.cli._common import redact
 
 
 def _run(capsys: pytest.CaptureFixture[str], dsn: str, redis_url: str, *args: str) -> tuple[int, str, str]:
@@ -114,7 +115,8 @@ def test_invalidate_site_of_one_type(dsn: str, redis_url: str, cache: TieredCach
         cache.write_cache("app3_clue", 5, target, {"v": 1})
     cache.write_cache("app3_board", 5, "a", {"v": 1})
     cache.write_cache("app3_clue", 6, "a", {"v": 1})
-    code, out, err = _run(capsys, dsn, redis_url, "invalidate", "app3_clue", "5")
+    code = main(["invalidate", "app3_clue", "5", "--dsn", dsn, "--redis-url", redis_url])  # flags after the verb
+    out, err = capsys.readouterr()
     assert code == 0, err
     assert "invalidated 2 rows of app3_clue at site 5" in out
     client = redis.Redis.from_url(redis_url)
@@ -158,3 +160,11 @@ def test_stats_reports_redis_down_and_exits_1(dsn: str, capsys) -> None:  # type
     code, out, _ = _run(capsys, dsn, "redis://127.0.0.1:1/0", "stats")
     assert code == 1
     assert "redis: unreachable" in out and "outbox backlog: 0 rows" in out
+
+
+def test_redact_hides_passwords_in_urls_and_keyword_dsns() -> None:
+    """Printed server names never carry a password, in URL or key=value form."""
+    assert redact("postgresql://app:s3cr%40t@db:5432/x") == "postgresql://app:***@db:5432/x"
+    assert redact("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact("host=db password='a b' dbname=x") == "host=db password=*** dbname=x"
+    assert redact("redis://cache:6379/0") == "redis://cache:6379/0"

@@ -162,6 +162,7 @@ class Tally:
     unreachable: int = 0
 
     def add(self, outcome: str) -> None:
+        """Count one classified read-back."""
         if outcome == UNREACHABLE:
             self.unreachable += 1
             return
@@ -173,6 +174,7 @@ class Tally:
 
     @property
     def share(self) -> float:
+        """Consistent share of the read-backs counted (1.0 when none was)."""
         return 1.0 if self.checked == 0 else self.consistent / self.checked
 
     @property
@@ -191,6 +193,7 @@ class Tallies:
         self.by: dict[tuple[float, str], Tally] = {(w, t): Tally() for w in self.windows for t in TIERS}
 
     def add(self, window: float, outcomes: dict[str, str]) -> None:
+        """Count one probe's read-back at `window`, every tier at once."""
         for tier, outcome in outcomes.items():
             self.by[window, tier].add(outcome)
 
@@ -225,6 +228,7 @@ class ContinuousVerifier:
         self.total = Tallies(schedule.windows)
 
     def _key(self, target: str) -> tuple[str, int, str]:
+        """The probe key of a target: its own cache type and site, apart from product keys."""
         return PROBE_TYPE, self.site, target
 
     def write(self, probe_seq: int, target: str) -> int | None:

@@ -56,7 +56,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)  # a sidecar's stdout is a pipe: each pass must reach the log at once
+    """Print and flush: a sidecar's stdout is a pipe, and each pass must reach the log at once."""
+    print(line, flush=True)
 
 
 def sweep_every(

@@ -209,6 +209,7 @@ def render_inspect(found: dict[str, Any]) -> list[str]:
 
 
 def _ttl_text(view: dict[str, Any]) -> str:
+    """A key's time to live for the terminal report."""
     if not view.get("exists"):
         return ""
     return "; no expiry" if view.get("ttl_s") is None else f"; ttl {view['ttl_s']:.3f} s"

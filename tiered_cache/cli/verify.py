@@ -63,6 +63,7 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def _id(row: object) -> object:
+    """A row's id for a mismatch line (a negative entry prints as None)."""
     return row.get("id") if isinstance(row, dict) else row
 
 
@@ -98,6 +99,7 @@ def _continuous(args: argparse.Namespace) -> int:
 
 
 def _nines(value: float) -> str:
+    """Nines for a report: 'all' when no read-back was stale."""
     return "all" if math.isinf(value) else f"{value:.2f}"
 
 
@@ -121,4 +123,7 @@ def summary_lines(total: Tallies) -> list[str]:
             continue
         lines.append(f"  {window:>6g}s {tier:<11} {f'{t.consistent}/{t.checked}':>12} {t.share:>9.6f} "
                      f"{_nines(t.nines):>6} {t.misses:>7} {t.unreachable:>5}")
+    fewest = min((t.checked for t in total.by.values() if t.checked), default=0)
+    if fewest:
+        lines.append(f"  ('all': no stale read-back; {fewest} read-backs tell apart at most {math.log10(fewest):.1f} nines)")
     return lines
