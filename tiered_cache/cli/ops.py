@@ -161,8 +161,9 @@ def _holder(token: bytes | None) -> dict[str, Any]:
 def _postgres_view(cache: TieredCache, key: tuple[str, int, str], limit: int) -> dict[str, Any]:
     """The key's rows, newest first, and the one get_latest serves (asked through the store itself)."""
     params = {"cache_type": key[0], "site_id": key[1], "target_id": key[2], "limit": limit}
-    with psycopg.connect(cache.store.dsn, autocommit=True, connect_timeout=5,
-                         options=f"-c TimeZone={cache.store.policy.zone}") as conn:
+    with psycopg.connect(cache.store.dsn, autocommit=True, connect_timeout=5) as conn:
+        # Timestamps in the venues' zone, as the store renders them (a DSN's own options stay untouched).
+        conn.execute("SELECT set_config('TimeZone', %s, false)", [str(cache.store.policy.zone)])
         rows = conn.execute(_ROWS, params).fetchall()
         (total,) = conn.execute(_COUNT, params).fetchone()  # type: ignore[misc]
     latest = cache.store.get_latest(*key)
