@@ -309,7 +309,7 @@ def test_servers_start_from_wheel_binaries_under_a_private_directory(figure: Cal
 
 def test_binary_copy_is_made_once_by_racing_starts_and_renewed_on_change() -> None:
     """Eight threads needing a copy of the same private tree get one cache dir, readable by the server's user,
-    with no staging dir left; changed content gets a new dir (the digest names it)."""
+    with no staging dir left; a damaged copy is made again; changed content gets a new dir (the digest names it)."""
     user = next(u for u in map(pwd.getpwnam, ("nobody", "postgres")) if u.pw_uid != os.geteuid())
     priv = Path(tempfile.mkdtemp(prefix="tc-priv-", dir="/tmp"))
     made: list[Path] = []
@@ -328,6 +328,9 @@ def test_binary_copy_is_made_once_by_racing_starts_and_renewed_on_change() -> No
         assert copied.read_text() == exe.read_text() and _access.unreadable([copied], user) is None
         assert stat.S_IMODE(copied.stat().st_mode) == 0o755
         assert not [p for p in results[0].parent.iterdir() if p.name.startswith(f".{results[0].name}-")]
+        copied.unlink()  # as a temp cleaner might: the next process must not run from a damaged copy
+        _access._verified.clear()
+        assert _access.placed(priv, [tree / "bin"], user) == results[0] and copied.read_text() == exe.read_text()
         exe.write_text(exe.read_text() + "# changed\n")
         _access._digest.cache_clear()  # a new process would hash the tree afresh
         renewed = _access.placed(priv, [tree / "bin"], user)
@@ -337,3 +340,26 @@ def test_binary_copy_is_made_once_by_racing_starts_and_renewed_on_change() -> No
         shutil.rmtree(priv, ignore_errors=True)
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_cache_name_held_by_someone_else_gets_a_private_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If another user holds the shared cache's name (here a symlink), the copy is this process's own, not theirs."""
+    user = next(u for u in map(pwd.getpwnam, ("nobody", "postgres")) if u.pw_uid != os.geteuid())
+    priv = Path(tempfile.mkdtemp(prefix="tc-priv-", dir="/tmp"))
+    name = f"tc-test-cache-{os.getpid()}"
+    squat = Path(tempfile.gettempdir()) / f"{name}-{os.geteuid()}"
+    monkeypatch.setattr(_access, "_CACHE_NAME", name)
+    try:
+        (priv / "bin").mkdir()
+        (priv / "bin" / "tool").write_text(f"{time.time_ns()}\n")
+        squat.symlink_to(priv)
+        got = _access.placed(priv, [priv / "bin"], user)
+        assert got.parent == squat.parent and got.name.startswith(f"{name}-") and not got.is_symlink()
+        assert stat.S_IMODE(got.stat().st_mode) == 0o755 and (got / "bin" / "tool").read_text() == (priv / "bin" / "tool").read_text()
+        assert _access.placed(priv, [priv / "bin"], user) == got  # one per process
+    finally:
+        squat.unlink(missing_ok=True)
+        shutil.rmtree(priv, ignore_errors=True)
+        for d in _access._private_copies.values():
+            shutil.rmtree(d, ignore_errors=True)
+        _access._private_copies.clear()

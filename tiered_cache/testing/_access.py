@@ -113,8 +113,7 @@ def make_tempdir(prefix: str, user: pwd.struct_passwd | None) -> Path:
     return d
 
 
-@functools.lru_cache(maxsize=16)
-def _digest(anchor: Path, paths: tuple[Path, ...]) -> str:
+def _tree_digest(anchor: Path, paths: tuple[Path, ...]) -> str:
     """Content digest of the tree (relative names, exec bits, bytes), naming its copy in the cache."""
     h = hashlib.blake2b(_LAYOUT, digest_size=12)
     for p in _walk(list(paths)):
@@ -128,6 +127,23 @@ def _digest(anchor: Path, paths: tuple[Path, ...]) -> str:
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
+
+
+_digest = functools.lru_cache(maxsize=16)(_tree_digest)  # of a source tree: hashed once per process
+_verified: set[Path] = set()  # copies this process has checked or made
+
+
+def _intact(final: Path, anchor: Path, paths: tuple[Path, ...], digest: str) -> bool:
+    """Whether a copy in the cache still has the content its name says (checked once per process)."""
+    if final not in _verified:
+        try:
+            ok = _tree_digest(final, tuple(final / p.relative_to(anchor) for p in paths)) == digest
+        except OSError:  # a file gone from under the walk
+            ok = False
+        if not ok:
+            return False
+        _verified.add(final)
+    return True
 
 
 def _copy_into(anchor: Path, paths: tuple[Path, ...], dest: Path) -> None:
@@ -172,14 +188,26 @@ def _private_copy(anchor: Path, paths: tuple[Path, ...], base: Path, digest: str
         return _private_copies[digest]
 
 
+def _discard(d: Path, cache: Path) -> None:
+    """Move a damaged copy out of the way atomically (processes running from it keep their open files), then delete."""
+    aside = Path(tempfile.mkdtemp(prefix=".damaged-", dir=cache))
+    try:
+        os.rename(d, aside / "copy")
+    except FileNotFoundError:  # another process moved it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _cached_copy(anchor: Path, paths: tuple[Path, ...], user: pwd.struct_passwd) -> Path:
-    """The copy's anchor in the shared cache, made once (staged, then renamed into place atomically)."""
+    """The copy's anchor in the shared cache: made once (staged, then renamed into place), checked once per process."""
     digest = _digest(anchor, paths)
     base = base_dir(user)
     cache = _shared_cache(base)
     if cache is None:
         return _private_copy(anchor, paths, base, digest)
     final = cache / digest
+    if final.is_dir() and not _intact(final, anchor, paths, digest):
+        _discard(final, cache)  # damaged since (a temp cleaner aging files out of /tmp): make it again
     if not final.is_dir():
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=cache))
         try:
@@ -191,6 +219,7 @@ def _cached_copy(anchor: Path, paths: tuple[Path, ...], user: pwd.struct_passwd)
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        _verified.add(final)
     return final
 
 
