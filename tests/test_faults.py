@@ -783,6 +783,7 @@ def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Cal
         peak_proxy = proxy.max_active
         proxy.heal()
         breaker_after = settle(cache, env.dsn)
+        pg_after = _timed_load(cache, keys, 2.0, threads, store_only=True)  # PostgreSQL's time may drift under load
         wait_until(lambda: admin.info("clients")["connected_clients"] <= clients_before + 2, 5, 0.05,
                    "Redis connections back to their level")
         deadline = time.monotonic() + 3.0  # the owed-kill drainer exits within its 1 s backoff once nothing is owed
@@ -791,16 +792,18 @@ def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Cal
         threads_after = _library_threads()
         extra = sorted({t.name for t in threading.enumerate()} - names_before)
         clients_after = admin.info("clients")["connected_clients"]
-        # The bound the issue sets, plus 10 ms for the scheduler: client, proxy and both servers share 2 cores,
-        # and a p99 measured in one phase is only an estimate of the PostgreSQL time in the next.
-        bound = timeout + pct(_all(pg), 99) + 0.010
+        # The bound the issue sets, plus 25 ms for the scheduler: client, proxy and both servers share 2 cores,
+        # and a p99 measured in one phase is only an estimate of the PostgreSQL time in the next (so the larger
+        # of the phases before and after the faults). What it must catch is far larger: a call paying the
+        # 200 ms latency, or a blackholed socket's seconds.
+        bound = timeout + max(pct(_all(pg), 99), pct(_all(pg_after), 99)) + 0.025
         for name, d in (("postgres only", pg), ("healthy", healthy), ("latency 200 ms", slow), ("blackhole", hole)):
             every = _all(d)
             kinds = ", ".join(f"{k} p99 {ms(pct(v, 99))} max {ms(max(v))}" for k, v in d.items() if v)
             figure(f"redis {name:>14}: {len(every):6d} calls, p50 {ms(statistics.median(every))}, p99 "
                    f"{ms(pct(every, 99))}, max {ms(max(every))} ({kinds})")
         s = cache.stats()["redis"]
-        figure(f"  bound = redis_timeout + PostgreSQL p99 + 10 ms scheduling slack = {ms(bound)}; library threads {threads_before} before, "
+        figure(f"  bound = redis_timeout + PostgreSQL p99 + 25 ms scheduling slack = {ms(bound)}; library threads {threads_before} before, "
                f"peak {peak_threads} during, {threads_after} after; proxied connections peak {peak_proxy_slow} "
                f"slow / {peak_proxy} blackhole (pool cap {pool_cap}); Redis clients {clients_before} before, "
                f"{clients_after} after; breaker trips {s['breaker_trips']}, skipped {s['skipped']}, errors "
