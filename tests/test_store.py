@@ -683,7 +683,7 @@ def test_every_call_while_postgres_is_down_fails_within_pool_timeout(pg_server: 
 
 def test_a_write_that_lost_a_deadlock_is_run_again() -> None:
     """A write PostgreSQL rolled back to break a deadlock (or a serialization race) is retried, at most 3 tries."""
-    from tiered_cache.tiers.postgres import _Conflict, _retry_conflicts
+    from tiered_cache.tiers._pg_pool import _Conflict, retry_conflicts as _retry_conflicts
 
     tries: list[int] = []
 

@@ -1,7 +1,7 @@
 """Bad input through every PostgresStore method: InvalidInput naming the field, raised before any I/O, nothing written.
 
-"Before any I/O" is proved with a store built with open=False: its pool is never opened, so any
-attempt to reach PostgreSQL raises StoreUnavailable at once (test_offline_store_really_cannot_do_io
+"Before any I/O" is proved with a store that was closed before it ever connected: any attempt to
+reach PostgreSQL raises Closed at once, before the pool is touched (test_offline_store_really_cannot_do_io
 checks that this harness would notice). "Nothing written" is proved on a live store by reading
 biz.ai_cache with psycopg directly afterwards.
 """
@@ -18,7 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tiered_cache import ExpiryPolicy, InvalidInput, Limits, PostgresStore, StoreUnavailable, TieredCacheError
+from tiered_cache import ExpiryPolicy, InvalidInput, Limits, PostgresStore, TieredCacheError
+from tiered_cache.errors import Closed
 
 NAN, INF = float("nan"), float("inf")
 LIMITS = Limits(max_payload_bytes=200)  # every store here: small payload limit, other limits default
@@ -141,6 +142,9 @@ for tid, trig in [("int", 5), ("empty", ""), ("nul", "cron\x00"), ("too-long", "
 case("write_cache-expires_at-naive", write(expires_at=datetime(2999, 1, 1)), "expires_at")
 case("write_cache-expires_at-str", write(expires_at="2999-01-01T00:00:00+08:00"), "expires_at")
 case("write_cache-expires_at-date-number", write(expires_at=1_700_000_000), "expires_at")
+# 10000-01-01 04:00 in Asia/Shanghai, the zone rows are rendered in: stored, it could never be read back
+case("write_cache-expires_at-year-10000-in-zone", write(expires_at=datetime(9999, 12, 31, 20, tzinfo=timezone.utc)),
+     "expires_at")
 for cid, cache_id in [("zero", 0), ("negative", -1), ("bool", True), ("str", "1"), ("float", 1.0), ("over-bigint", 2**63)]:
     case(f"finalize_cache-cache_id-{cid}", lambda s, v=cache_id: s.finalize_cache(v, {"ok": 1}), "cache_id")
 for tid, ct in [("empty", ""), ("int", 3), ("nul", "a\x00"), ("too-long", "x" * 129)]:
@@ -182,18 +186,16 @@ COERCED_RESULTS: list[tuple[str, object]] = [
 # ------------------------------------------------------------------------------------------- fixtures
 
 
-# Nothing listens on port 1; with open=False the pool would not even try it.
+# Nothing listens on port 1; the store is closed before it ever tries it.
 OFFLINE_DSN = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
 
 
 @pytest.fixture(scope="module")
 def offline_store() -> Iterator[PostgresStore]:
-    """A store whose pool never opens: any I/O raises StoreUnavailable at once."""
+    """A store closed before its pool ever opened: any I/O raises Closed at once."""
     s = PostgresStore(OFFLINE_DSN, open=False, limits=LIMITS, policy=ExpiryPolicy(strict=True))
-    try:
-        yield s
-    finally:
-        s.close()
+    s.close()
+    yield s
 
 
 @pytest.fixture
@@ -238,7 +240,7 @@ ALL = CASES + STRICT_CASES
 
 
 def test_offline_store_really_cannot_do_io(offline_store: PostgresStore) -> None:
-    """Sanity of the harness: a valid call on the open=False store fails with StoreUnavailable, not InvalidInput."""
+    """Sanity of the harness: a valid call on the closed store fails with Closed, not InvalidInput."""
     calls: list[Call] = [
         write(),
         key_call("set_generating"),
@@ -250,7 +252,7 @@ def test_offline_store_really_cannot_do_io(offline_store: PostgresStore) -> None
         lambda s: s.finalize_cache(1, {"ok": 1}),
     ]
     for call in calls:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(Closed):
             call(offline_store)
 
 

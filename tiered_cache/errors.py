@@ -31,3 +31,7 @@ class StoreUnavailable(TieredCacheError):
 
 class MigrationError(TieredCacheError):
     """The schema could not be brought to the version this library needs."""
+
+
+class Closed(TieredCacheError):
+    """The cache or store was closed; nothing was sent anywhere."""

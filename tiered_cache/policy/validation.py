@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 import orjson
@@ -84,14 +84,24 @@ def positive_int(field: str, value: object, maximum: int) -> int:
     return int(value)
 
 
-def optional_aware_datetime(field: str, value: object) -> datetime | None:
-    """None or a timezone-aware datetime; a naive one is ambiguous across venues."""
+def optional_aware_datetime(field: str, value: object, zone: tzinfo | None = None) -> datetime | None:
+    """None or a timezone-aware datetime (a naive one is ambiguous across venues) that `zone` can render.
+
+    Rows are rendered in the store's zone: 9999-12-31 20:00 UTC would be year 10000 in +08:00, which
+    PostgreSQL stores but no datetime can hold, so every later read of the row would fail.
+    """
     if value is None:
         return None
     if not isinstance(value, datetime):
         raise InvalidInput(field, f"expected datetime or None, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInput(field, "must be timezone-aware")
+    if zone is not None:
+        try:
+            value.astimezone(zone)
+        except OverflowError:
+            raise InvalidInput(field, f"{value.isoformat()} falls outside years 1-9999 in {zone}, "
+                                      "the zone rows are rendered in") from None
     return value
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._pg_timestamps import INFINITY
+
 LATEST_COLUMNS = (
     "id", "cache_type", "site_id", "target_id", "result_json",
     "score", "triggered_by", "created_at", "expires_at", "status",
@@ -13,6 +15,7 @@ HISTORY_COLUMNS = LATEST_COLUMNS[:-1]  # the old service's history rows carry no
 _COLS = ", ".join(LATEST_COLUMNS)
 _A_COLS = ", ".join("a." + c for c in LATEST_COLUMNS)
 _KEY = "cache_type = %(cache_type)s AND site_id = %(site_id)s AND target_id = %(target_id)s"
+# 'infinity' expires_at is servable forever and '-infinity' never is: both compare as PostgreSQL orders them.
 _SERVABLE = "(status = 'valid' OR status IS NULL) AND (expires_at IS NULL OR expires_at > now())"
 _A_SERVABLE = "(a.status = 'valid' OR a.status IS NULL) AND (a.expires_at IS NULL OR a.expires_at > now())"
 _NEWEST = "ORDER BY created_at DESC, id DESC"
@@ -157,12 +160,15 @@ DELETE FROM biz.ai_cache WHERE id IN (SELECT id FROM victims)
 
 
 def row_dict(columns: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
-    """A row as the old service returned it: a dict of the columns, datetimes as ISO-8601 strings."""
+    """A row as the old service returned it: a dict of the columns, datetimes as ISO-8601 strings.
+
+    An expires_at of 'infinity' (or past what datetime holds) is None, no expiry, as the tiers above know it.
+    """
     out = dict(zip(columns, row))
     out["created_at"] = out["created_at"].isoformat()
     expires_at = out["expires_at"]
     if expires_at is not None:
-        out["expires_at"] = expires_at.isoformat()
+        out["expires_at"] = None if expires_at is INFINITY else expires_at.isoformat()
     return out
 
 

@@ -1,23 +1,22 @@
-"""PostgreSQL tier: the system of record, over a psycopg 3 connection pool."""
+"""PostgreSQL tier: the system of record; sessions, retries and fork safety live in _pg_pool."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg_pool
-from psycopg.types.json import set_json_loads
 
-from ..errors import InvalidInput, StoreUnavailable
+from ..errors import InvalidInput
 from ..policy import validation as check
 from ..policy.expiry import Clock, ExpiryPolicy, utc_now
 from . import _sql
+from ._pg_pool import TCP_TIMEOUTS as TCP_TIMEOUTS  # the relay's sessions use the same bounds
+from ._pg_pool import Connections, Rows
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +46,14 @@ class SweepReport:
     outbox_pruned: int = 0
 
 
-#: libpq settings that bound a silent (blackholed) PostgreSQL to about 5 s per call.
-TCP_TIMEOUTS = {"tcp_user_timeout": 5000, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1,
-                "keepalives_count": 3}
-
-
 class PostgresStore:
-    """The seed's operations over a pool: same names, arguments and return shapes, none of its defects."""
+    """The seed's operations over a pool: same names, arguments and return shapes, none of its defects.
+
+    The DSN's own options survive, but its sessions always render in policy.zone, ISO style (see _pg_pool).
+    open=False connects on the first call instead of now. After close() every call raises Closed, sending
+    nothing; a forked child opens its own pool on first use. Timestamps datetime cannot hold read as
+    _pg_timestamps says ('infinity' expiry: None); an expiry policy.zone cannot render is InvalidInput.
+    """
 
     def __init__(
         self,
@@ -81,82 +81,30 @@ class PostgresStore:
         self.generating_timeout = generating_timeout
         self.outbox_retention = outbox_retention
         self.pool_timeout = pool_timeout
-        self._pool = _Pool(
+        self._db = Connections(
             dsn,
+            zone=self.policy.zone,
             min_size=min_size,
             max_size=max_size,
             timeout=pool_timeout,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": connect_timeout,
-                # A blackholed server must fail a call in seconds, not after the kernel's ~15 min of retries.
-                **TCP_TIMEOUTS,
-                # Render timestamps in the venues' zone, as the old service's sessions did.
-                "options": f"-c TimeZone={self.policy.zone}",
-            },
-            configure=_configure,
-            name="tiered_cache",
-            open=False,
+            connect_timeout=connect_timeout,
+            open=open,
         )
-        if open:
-            self._pool.open(wait=False)
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; driver failures become StoreUnavailable naming the cause."""
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except psycopg_pool.PoolTimeout as exc:
-            raise StoreUnavailable(f"no PostgreSQL connection after {self.pool_timeout:.2f} sec: {exc}") from exc
-        except psycopg.OperationalError as exc:
-            if exc.sqlstate in _RETRYABLE:  # deadlock or serialization failure: rolled back, safe to run again
-                raise _Conflict(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
-            if exc.sqlstate is not None and not exc.sqlstate.startswith(("08", "57P")):
-                # A statement error (timeout, lock not available): it rolled back, the link is fine.
-                raise StoreUnavailable(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
-            # One outage breaks every idle connection alike; closing them is local and instant.
-            self._pool.drain()
-            raise _BrokenConnection(f"PostgreSQL failed: {exc}", maybe_committed=True) from exc
-        except psycopg.Error as exc:  # an autocommit statement that errors has rolled back
-            raise StoreUnavailable(f"PostgreSQL refused the statement: {type(exc).__name__}: {exc}") from exc
+    @property
+    def _pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        """This process's psycopg pool (a forked child gets its own): for stats, tests and benchmarks."""
+        return self._db.pool
 
-    def _read(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Run a read; one retry on a fresh connection if a pooled one broke (it may predate a restart)."""
-        try:
-            try:
-                with self._conn() as conn:
-                    return conn.execute(sql, params, prepare=True).fetchall()
-            except _BrokenConnection:
-                with self._conn() as conn:
-                    return conn.execute(sql, params, prepare=True).fetchall()
-        except ValueError as exc:  # a stored value psycopg or orjson cannot load (e.g. a number beyond a double)
-            raise StoreUnavailable(f"PostgreSQL returned a value that cannot be decoded: {exc}") from exc
+    def _read(self, sql: str, params: dict[str, Any], op: str) -> Rows:
+        """Run a read (op names the call in errors)."""
+        return self._db.read(op, sql, params)
 
-    def _write(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
-        """Run one autocommit write; a deadlock or serialization failure (rolled back) is run again, twice at most."""
-        return _retry_conflicts(lambda: self._write_once(sql, params))
-
-    def _write_once(self, sql: str, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
-        """Run one autocommit write on a connection just proven alive, so an outage never leaves its outcome unknown."""
-        probe_failed = False
-        try:
-            with self._conn() as conn:
-                try:
-                    # A pooled connection may predate an outage: if this probe fails, the write was never sent.
-                    conn.execute("")
-                except psycopg.OperationalError:
-                    probe_failed = True
-                    raise
-                cur = conn.execute(sql, params, prepare=True)
-                return _answer(cur)
-        except _BrokenConnection:
-            if not probe_failed:
-                raise  # the write itself may have reached the server: never send it twice
-        with self._conn() as conn:  # the pool was drained: a fresh connection, or a clear failure
-            return _answer(conn.execute(sql, params, prepare=True))
+    def _write(self, sql: str, params: dict[str, Any], op: str) -> tuple[Rows, int]:
+        """Run one autocommit write on a connection just proven alive; its rows and row count."""
+        return self._db.write(op, sql, params)
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -197,7 +145,7 @@ class PostgresStore:
         params["result_json"] = check.result_json(result_json, self.limits.max_payload_bytes)
         params["triggered_by"] = check.optional_name("triggered_by", triggered_by, self.limits.max_name_length)
         params["score"] = check.optional_score(score)
-        given = check.optional_aware_datetime("expires_at", expires_at)
+        given = check.optional_aware_datetime("expires_at", expires_at, self.policy.tzinfo)
         params["expires_at"] = given if given is not None else self.policy.expires_at(params["cache_type"], self.clock())
         return params
 
@@ -216,14 +164,14 @@ class PostgresStore:
 
     def get_latest(self, cache_type: str, site_id: int, target_id: str) -> dict[str, Any] | None:
         """The newest servable row of a key, or None; a newer 'generating' row does not hide it."""
-        rows = self._read(_sql.GET_LATEST, self._key(cache_type, site_id, target_id))
+        rows = self._read(_sql.GET_LATEST, self._key(cache_type, site_id, target_id), "get_latest")
         return _sql.row_dict(_sql.LATEST_COLUMNS, rows[0]) if rows else None
 
     def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[dict[str, Any]]:
         """The newest `limit` rows of a key, any status, newest first."""
         params = self._key(cache_type, site_id, target_id)
         params["limit"] = self.validate_limit(limit)
-        return [_sql.row_dict(_sql.HISTORY_COLUMNS, r) for r in self._read(_sql.GET_HISTORY, params)]
+        return [_sql.row_dict(_sql.HISTORY_COLUMNS, r) for r in self._read(_sql.GET_HISTORY, params, "get_history")]
 
     def get_many(
         self, cache_type: str, site_id: int, target_ids: Sequence[str]
@@ -238,13 +186,13 @@ class PostgresStore:
         if not target_ids:
             return found
         params = {"cache_type": cache_type, "site_id": site_id, "target_ids": target_ids}
-        for row in self._read(_sql.GET_MANY, params):
+        for row in self._read(_sql.GET_MANY, params, "get_many"):
             found[row[3]] = _sql.row_dict(_sql.LATEST_COLUMNS, row)
         return found
 
     def key_of(self, cache_id: int) -> tuple[Key, str | None] | None:
         """The key and status of a row, or None; a row's key never changes."""
-        rows = self._read(_sql.KEY_OF, {"id": cache_id})
+        rows = self._read(_sql.KEY_OF, {"id": cache_id}, "finalize_cache")
         if not rows:
             return None
         ct, site, target, status = rows[0]
@@ -254,7 +202,7 @@ class PostgresStore:
 
     def write(self, params: dict[str, Any]) -> WriteOutcome:
         """Insert a valid row from prepare_write() params; also returns what get_latest now serves."""
-        rows, _ = self._write(_sql.WRITE, params)
+        rows, _ = self._write(_sql.WRITE, params, "write_cache")
         mine = rows[0]
         key = (params["cache_type"], params["site_id"], params["target_id"])
         return WriteOutcome(mine[0], key, _sql.pick_servable(rows), True, mine[-1])
@@ -285,7 +233,7 @@ class PostgresStore:
 
     def insert_generating(self, params: dict[str, Any]) -> int:
         """set_generating on validated params."""
-        return self._write(_sql.SET_GENERATING, params)[0][0][0]
+        return self._write(_sql.SET_GENERATING, params, "set_generating")[0][0][0]
 
     def resolve_finalize(self, params: dict[str, Any]) -> tuple[Key, str | None] | None:
         """Look up the row being finalized and fill in its key and policy expiry; None if it does not exist."""
@@ -301,7 +249,7 @@ class PostgresStore:
 
     def finalize(self, params: dict[str, Any]) -> WriteOutcome:
         """Turn a 'generating' row valid (params from resolve_finalize); changed is False if it was not generating."""
-        rows, _ = self._write(_sql.FINALIZE, params)
+        rows, _ = self._write(_sql.FINALIZE, params, "finalize_cache")
         key = (params["cache_type"], params["site_id"], params["target_id"])
         if not rows:
             logger.warning("finalize_cache: row %s is no longer 'generating'; nothing changed", params["id"])
@@ -328,7 +276,7 @@ class PostgresStore:
 
     def invalidate_outcome(self, params: dict[str, Any]) -> WriteOutcome:
         """invalidate, as a WriteOutcome whose id is the count of rows invalidated."""
-        (count, txid), = self._write(_sql.INVALIDATE, params)[0]
+        (count, txid), = self._write(_sql.INVALIDATE, params, "invalidate")[0]
         return WriteOutcome(count, (params["cache_type"], params["site_id"], params["target_id"]), None, True, txid)
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
@@ -350,31 +298,17 @@ class PostgresStore:
         before_commit gets those keys while the transaction still holds their rows (the facade leases them).
         """
         params = self.site_params(site_id, cache_type)
-        return _retry_conflicts(lambda: self._invalidate_site_once(params, before_commit))
-
-    def _invalidate_site_once(
-        self, params: dict[str, Any], before_commit: Callable[[list[Key]], None] | None
-    ) -> dict[Key, int]:
-        """One try of invalidate_site_keys, in a transaction."""
         site = params["site_id"]
-        probe_failed = False
-        try:
-            with self._conn() as conn:
-                try:
-                    conn.execute("")  # as in _write: a failed probe means nothing was sent
-                except psycopg.OperationalError:
-                    probe_failed = True
-                    raise
-                with conn.transaction():
-                    rows = conn.execute(_sql.INVALIDATE_SITE, params, prepare=True).fetchall()
-                    changed = {(ct, site, target): n for ct, target, n in rows}
-                    if before_commit is not None:
-                        before_commit(list(changed))
-                return changed
-        except _BrokenConnection:
-            if not probe_failed:
-                raise
-        return self._invalidate_site_once(params, before_commit)
+
+        def run(conn: psycopg.Connection[Any]) -> dict[Key, int]:
+            with conn.transaction():
+                rows = conn.execute(_sql.INVALIDATE_SITE, params, prepare=True).fetchall()
+                changed = {(ct, site, target): n for ct, target, n in rows}
+                if before_commit is not None:
+                    before_commit(list(changed))
+            return changed
+
+        return self._db.run_write("invalidate_site", run)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -382,7 +316,7 @@ class PostgresStore:
         """Expire rows, reclaim abandoned placeholders, apply retention to groups written since, bound the outbox."""
         expired = self._drain(_sql.SWEEP_EXPIRED, {"batch": batch})
         reclaimed = self._drain(_sql.SWEEP_GENERATING, {"batch": batch, "timeout": self.generating_timeout})
-        groups, _ = self._write(_sql.CLAIM_DIRTY_GROUPS, {"groups": max_groups})
+        groups, _ = self._write(_sql.CLAIM_DIRTY_GROUPS, {"groups": max_groups}, "sweep")
         deleted = 0
         for ct, site in groups:
             params = {
@@ -402,79 +336,26 @@ class PostgresStore:
         """Repeat a batched statement until a batch comes back short."""
         total = 0
         while True:
-            n = self._write(sql, params)[1]
+            n = self._write(sql, params, "sweep")[1]
             total += n
             if n < params["batch"]:
                 return total
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless PostgreSQL answers."""
-        self._read("SELECT 1", {})
+        self._read("SELECT 1", {}, "ping")
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has run: every call then raises Closed (the facade can refuse before leasing)."""
+        return self._db.closed
 
     def close(self) -> None:
-        """Close the pool; idempotent."""
-        self._pool.close()
+        """Close the pool; every later call raises Closed before any I/O. Idempotent."""
+        self._db.close()
 
     def __enter__(self) -> PostgresStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-try:  # private API, checked here: without it the pool still works, it only recovers more slowly
-    from psycopg_pool.base import AttemptWithBackoff as _Attempt
-
-    class _CappedBackoff(_Attempt):
-        """Reconnect after 0.1 s, doubling to at most 0.5 s: a restarted PostgreSQL is used within half a second."""
-
-        INITIAL_DELAY = 0.1
-        MAX_DELAY = 0.5
-
-        def update_delay(self, now: float) -> None:
-            super().update_delay(now)
-            self.delay = min(self.delay, self.MAX_DELAY)
-
-    class _Pool(psycopg_pool.ConnectionPool):  # type: ignore[type-arg]
-        """psycopg's pool, but its reconnection backoff stops growing at 0.5 s instead of minutes."""
-
-        def _add_connection(self, attempt: Any, growing: bool = False) -> None:
-            super()._add_connection(attempt or _CappedBackoff(timeout=self.reconnect_timeout), growing)
-
-except (ImportError, AttributeError):  # pragma: no cover - a psycopg_pool without that internal
-    _Pool = psycopg_pool.ConnectionPool  # type: ignore[misc]
-
-
-def _answer(cur: psycopg.Cursor[Any]) -> tuple[list[tuple[Any, ...]], int]:
-    """A committed write's rows and count; failing to decode them does not undo the commit."""
-    try:
-        return (cur.fetchall() if cur.description else []), cur.rowcount
-    except (psycopg.Error, ValueError) as exc:
-        raise StoreUnavailable(f"the write committed but its answer could not be read: {exc}", maybe_committed=True) from exc
-
-
-_RETRYABLE = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
-
-
-class _Conflict(StoreUnavailable):
-    """The statement lost a deadlock or serialization race and was rolled back: running it again is safe."""
-
-
-def _retry_conflicts(run: Callable[[], Any], attempts: int = 3) -> Any:
-    """Run a write again when PostgreSQL rolled it back to break a deadlock (as its manual advises)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return run()
-        except _Conflict:
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
-
-
-class _BrokenConnection(StoreUnavailable):
-    """A pooled connection failed mid-use; worth one retry on a fresh one (a pool timeout is not)."""
-
-
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    """Decode jsonb with orjson: the same decoder the Redis tier uses, and faster."""
-    set_json_loads(orjson.loads, conn)
