@@ -1,0 +1,491 @@
+"""Metrics, events, spans and health: scraped from real registries after scripted calls on real servers."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from _util import wait_until
+from tiered_cache import InvalidInput, PostgresStore, StoreUnavailable, TieredCache, observe, redis_client
+from tiered_cache.health import health
+from tiered_cache.metrics import CALLS, LABEL_VALUES, TieredCacheMetrics, cache_metrics, serve_relay_metrics
+from tiered_cache.policy.keys import KeySpace
+from tiered_cache.relay import Relay
+from tiered_cache.tiers.redis import RedisTier
+
+CT = "metrics_t"
+SITE = 987654  # a venue id no label may ever carry
+SECRET = "secret-target-xyz"  # a target id no label may ever carry
+
+
+def _value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return reg.get_sample_value(name, labels)
+
+
+def _call(m: TieredCacheMetrics, op: str, tier: str, result: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """What the facade hook will do for one public call, done by hand until it is wired."""
+    start = time.perf_counter()
+    try:
+        value = fn(*args)
+    except InvalidInput:
+        m.observe_call(op, "none", "invalid", time.perf_counter() - start)
+        raise
+    m.observe_call(op, tier, result, time.perf_counter() - start)
+    return value
+
+
+@pytest.fixture
+def near_cache(dsn: str, redis_url: str) -> Iterator[TieredCache]:
+    """A TieredCache with a near tier whose listener is subscribed."""
+    with TieredCache.connect(dsn, redis_url, near_max_entries=100) as c:
+        wait_until(c.listener.subscribed.is_set, 30, what="listener subscribed")  # type: ignore[union-attr]
+        yield c
+
+
+def _script(m: TieredCacheMetrics, c: TieredCache) -> None:
+    """write, redis hit, near hit, a miss, a get_many, a history miss, one invalid call."""
+    _call(m, "write_cache", "postgres", "ok", c.write_cache, CT, SITE, "a", {"v": 1})
+    wait_until(lambda: c.listener.stats.messages >= 1, 30, what="own announcement heard")  # type: ignore[union-attr]
+    _call(m, "get_latest", "redis", "hit", c.get_latest, CT, SITE, "a")
+    _call(m, "get_latest", "near", "hit", c.get_latest, CT, SITE, "a")
+    _call(m, "get_latest", "postgres", "miss", c.get_latest, CT, SITE, SECRET)
+    _call(m, "get_many", "postgres", "miss", c.get_many, CT, SITE, ["a", SECRET, "b"])
+    _call(m, "get_history", "postgres", "miss", c.get_history, CT, SITE, "a")
+    with pytest.raises(InvalidInput):
+        _call(m, "get_latest", "redis", "hit", c.get_latest, CT, "not-a-site", "a")
+
+
+def test_scripted_calls_give_exact_counts(near_cache: TieredCache) -> None:
+    """Per-call counts and every tier counter synced from stats() match the script, once, however often synced."""
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    _script(m, near_cache)
+    m.sync(near_cache)
+    m.sync(near_cache)  # a second sync adds nothing
+    req = "tiered_cache_requests_total"
+    assert _value(reg, req, op="write_cache", tier="postgres", result="ok") == 1
+    assert _value(reg, req, op="get_latest", tier="redis", result="hit") == 1
+    assert _value(reg, req, op="get_latest", tier="near", result="hit") == 1
+    assert _value(reg, req, op="get_latest", tier="postgres", result="miss") == 1
+    assert _value(reg, req, op="get_latest", tier="none", result="invalid") == 1
+    assert _value(reg, req, op="get_many", tier="postgres", result="miss") == 1
+    assert _value(reg, req, op="get_history", tier="postgres", result="miss") == 1
+    assert _value(reg, req, op="get_latest", tier="postgres", result="bypass") == 0  # pre-created at zero
+    assert _value(reg, "tiered_cache_request_duration_seconds_count", op="get_latest") == 4
+    # Per key: get_many asked the near tier for 3 keys (2 hits), Redis for 1 (a miss).
+    assert _value(reg, "tiered_cache_lookups_total", tier="near", result="hit") == 3
+    assert _value(reg, "tiered_cache_lookups_total", tier="near", result="miss") == 4
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="hit") == 1
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="miss") == 3
+    assert _value(reg, "tiered_cache_redis_fills_total", result="stored") == 3
+    assert _value(reg, "tiered_cache_redis_fills_total", result="refused") == 0
+    assert _value(reg, "tiered_cache_redis_writes_through_total") == 1
+    assert _value(reg, "tiered_cache_near_puts_total", result="stored") == 4
+    assert _value(reg, "tiered_cache_near_entries") == 4
+    assert _value(reg, "tiered_cache_redis_breaker_state") == 0
+    assert _value(reg, "tiered_cache_redis_owed_kills") == 0
+    # Every mapped counter equals what stats() says (the exporter copies, it does not count).
+    stats = near_cache.stats()
+    assert _value(reg, "tiered_cache_near_invalidations_total") == stats["near"]["invalidations"]
+    assert _value(reg, "tiered_cache_near_flushes_total") == stats["near"]["flushes"] >= 1
+    assert _value(reg, "tiered_cache_near_bytes") == stats["near"]["bytes"] > 0
+    assert _value(reg, "tiered_cache_listener_messages_total") == stats["listener"]["messages"]
+    assert _value(reg, "tiered_cache_redis_errors_total") == stats["redis"]["errors"] == 0
+    # More calls, then a sync: only the growth is added.
+    _call(m, "get_latest", "near", "hit", near_cache.get_latest, CT, SITE, "a")
+    m.sync(near_cache)
+    assert _value(reg, "tiered_cache_lookups_total", tier="near", result="hit") == 4
+    assert _value(reg, req, op="get_latest", tier="near", result="hit") == 2
+
+
+def test_a_scrape_syncs_by_itself(near_cache: TieredCache) -> None:
+    """In single-process mode a scrape copies stats() first: no sync() call, no thread."""
+    reg = CollectorRegistry()
+    m = cache_metrics(near_cache, reg)
+    assert near_cache.metrics is m and m._thread is None  # type: ignore[attr-defined]
+    near_cache.write_cache(CT, SITE, "a", {"v": 1})
+    near_cache.get_latest(CT, SITE, "a")
+    assert _value(reg, "tiered_cache_redis_writes_through_total") == 1
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="hit") == 1
+    assert cache_metrics(near_cache, reg) is m  # one set of families per registry
+    assert "tiered_cache_lookups_total" in generate_latest(reg).decode()
+
+
+def test_no_label_carries_a_site_or_key(near_cache: TieredCache) -> None:
+    """Label names and values come from fixed enums only: the venue and the targets used never appear."""
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    _script(m, near_cache)
+    m.sync(near_cache)
+    seen = 0
+    for family in reg.collect():
+        for sample in family.samples:
+            assert set(sample.labels) <= {"op", "tier", "result", "reason", "detector", "le"}, sample
+            for name, value in sample.labels.items():
+                assert name == "le" or value in LABEL_VALUES, sample
+                assert str(SITE) not in value and SECRET not in value and value != "a", sample
+                seen += 1
+    assert seen > 100
+    with pytest.raises(InvalidInput):
+        m.observe_call("get_latest", str(SITE), "hit", 0.001)
+    with pytest.raises(InvalidInput):
+        m.observe_call(SECRET, "redis", "hit", 0.001)
+    with pytest.raises(InvalidInput):
+        observe.span(SECRET)
+
+
+def test_redis_outage_shows_breaker_owed_kills_and_errors(dsn: str) -> None:
+    """A cache whose Redis refuses connections: breaker open, the write's kill owed, errors counted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens once the socket closes
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    with TieredCache.connect(dsn, dead) as c:
+        _call(m, "write_cache", "postgres", "ok", c.write_cache, CT, SITE, "a", {"v": 1})
+        wait_until(lambda: c.redis.breaker.trips >= 1, 30, what="breaker opened")
+        _call(m, "get_latest", "postgres", "bypass", c.get_latest, CT, SITE, "a")
+        m.sync(c)
+        assert _value(reg, "tiered_cache_redis_owed_kills") == c.redis.pending == 1
+        assert _value(reg, "tiered_cache_redis_breaker_state") in (1, 2)  # open, or half-open for a probe
+        assert 1 <= _value(reg, "tiered_cache_redis_breaker_trips_total") <= c.redis.breaker.trips  # type: ignore[operator]
+        assert 2 <= _value(reg, "tiered_cache_redis_errors_total") <= c.stats()["redis"]["errors"]  # type: ignore[operator]
+        assert _value(reg, "tiered_cache_requests_total", op="get_latest", tier="postgres", result="bypass") == 1
+        report = health(c)
+        assert report.status == "degraded" and report.ok
+        assert report.checks["redis"].status == "down" and report.checks["owed_kills"].count == 1
+
+
+def test_a_dead_cache_keeps_its_counts_and_drops_its_gauges(dsn: str, redis_url: str) -> None:
+    """Caches are held weakly: one that is gone leaves its counters and stops adding to the gauges."""
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    caches = [TieredCache.connect(dsn, redis_url, near_max_entries=100, namespace=f"m{i}") for i in range(2)]
+    for i, c in enumerate(caches):
+        wait_until(c.listener.subscribed.is_set, 30, what="listener subscribed")  # type: ignore[union-attr]
+        for t in range(i + 1):
+            c.get_latest(CT, SITE, f"t{t}")  # cache i ends with i + 1 near entries
+        m.watch(c)
+    m.sync()
+    assert _value(reg, "tiered_cache_near_entries") == 3
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="miss") == 3
+    caches.pop().close()
+    gc.collect()
+    m.sync()
+    assert _value(reg, "tiered_cache_near_entries") == 1
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="miss") == 3
+    caches[0].close()
+
+
+def test_unknown_stats_are_ignored() -> None:
+    """A counter a tier adds later is skipped (until the table maps it); a reset counter counts again from zero."""
+
+    class Fake:
+        def __init__(self) -> None:
+            self.counts = {"redis": {"hits": 3, "brand_new": 5}, "mystery": {"x": 1, "label": "text"}}
+
+        def stats(self) -> dict[str, dict[str, Any]]:
+            return self.counts
+
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    fake = Fake()
+    m.sync(fake)
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="hit") == 3
+    fake.counts["redis"]["hits"] = 2  # the object started again (e.g. a fork reset it)
+    m.sync(fake)
+    assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="hit") == 5
+    assert not any("brand_new" in f.name or "mystery" in f.name for f in reg.collect())
+
+
+def test_observe_call_cost(figure: Callable[[str], None]) -> None:
+    """The per-call hook costs about a microsecond; printed, never asserted."""
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    n = 200_000
+    for name, fn in (("observe_call", lambda: m.observe_call("get_latest", "near", "hit", 2e-6)),
+                     ("span() with opentelemetry-api and no SDK", _span_once)):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        figure(f"metrics: {name}: {(time.perf_counter() - start) / n * 1e6:.2f} µs per call (single process)")
+    assert _value(reg, "tiered_cache_requests_total", op="get_latest", tier="near", result="hit") == n
+    assert _value(reg, "tiered_cache_request_duration_seconds_bucket", op="get_latest", le="1e-05") == n
+    start = time.perf_counter()
+    for _ in range(1000):
+        m.sync(_StatsOnly())
+    figure(f"metrics: sync() of one cache's stats: {(time.perf_counter() - start) / 1000 * 1e6:.1f} µs")
+
+
+class _StatsOnly:
+    """The shape of TieredCache.stats() with every section, for timing sync() without servers."""
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            "redis": dict.fromkeys(("hits", "misses", "fills", "fills_refused", "writes_through", "kills", "errors",
+                                    "skipped", "pending_kills", "breaker_trips"), 7),
+            "near": dict.fromkeys(("hits", "misses", "puts", "puts_skipped", "evictions", "flushes", "invalidations",
+                                   "entries", "bytes"), 7),
+            "listener": dict.fromkeys(("messages", "gaps", "reconnects", "restarts_seen"), 7),
+            "relay": dict.fromkeys(("batches", "changes", "keys", "spared", "flushes", "errors", "last_seq"), 7),
+        }
+
+
+def _span_once() -> None:
+    with observe.span("get_latest") as s:
+        s.tier("near", "hit")
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from tiered_cache import TieredCache
+    from tiered_cache.metrics import cache_metrics
+
+    ns, ct, site = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cache = TieredCache.connect(os.environ["DSN"], os.environ["REDIS_URL"], namespace=ns, near_max_entries=100)
+    m = cache_metrics(cache, interval=0.05)
+    assert m.multiprocess and m._thread is not None
+    deadline = time.monotonic() + 30
+    while not cache.listener.subscribed.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def call(op, tier, result, fn, *args):
+        start = time.perf_counter()
+        fn(*args)
+        m.observe_call(op, tier, result, time.perf_counter() - start)
+
+    call("write_cache", "postgres", "ok", cache.write_cache, ct, site, ns + "-a", {"v": 1})
+    while cache.listener.stats.messages < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    call("get_latest", "redis", "hit", cache.get_latest, ct, site, ns + "-a")
+    call("get_latest", "near", "hit", cache.get_latest, ct, site, ns + "-a")
+    call("get_latest", "postgres", "miss", cache.get_latest, ct, site, ns + "-missing")
+    # The sync thread, not a scrape, must carry the tier counters into this worker's file.
+    mine = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"counter_{os.getpid()}.db")
+    def synced():
+        for family in MultiProcessCollector.merge([mine]):
+            for s in family.samples:
+                if s.name.endswith("lookups_total") and s.labels == {"tier": "redis", "result": "hit"}:
+                    return s.value == 1
+        return False
+    while not synced() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    n = 20000
+    start = time.perf_counter()
+    for _ in range(n):
+        m.observe_call("get_many", "none", "ok", 1e-6)
+    cost = (time.perf_counter() - start) / n * 1e6
+    m.close()
+    print(json.dumps({"pid": os.getpid(), "synced": synced(), "cost_us": cost}), flush=True)
+    sys.stdin.readline()  # stay alive (a live gauge counts live workers) until the test says so
+    cache.close()
+    """
+)
+
+
+def test_multiprocess_workers_add_up(dsn: str, redis_url: str, tmp_path: Any, figure: Callable[[str], None]) -> None:
+    """Two worker processes in prometheus multiprocess mode: counts add up, live gauges drop a dead worker's."""
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "DSN": dsn, "REDIS_URL": redis_url}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, f"mp{i}", CT, str(SITE)], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        reports = [json.loads(w.stdout.readline()) for w in workers]  # type: ignore[union-attr]
+        assert all(r["synced"] for r in reports), reports
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=str(tmp_path))
+        req = "tiered_cache_requests_total"
+        assert _value(reg, req, op="write_cache", tier="postgres", result="ok") == 2
+        assert _value(reg, req, op="get_latest", tier="redis", result="hit") == 2
+        assert _value(reg, req, op="get_latest", tier="near", result="hit") == 2
+        assert _value(reg, req, op="get_latest", tier="postgres", result="miss") == 2
+        assert _value(reg, req, op="get_many", tier="none", result="ok") == 40000
+        assert _value(reg, "tiered_cache_request_duration_seconds_count", op="get_latest") == 6
+        assert _value(reg, "tiered_cache_lookups_total", tier="redis", result="hit") == 2
+        assert _value(reg, "tiered_cache_lookups_total", tier="near", result="hit") == 2
+        assert _value(reg, "tiered_cache_redis_fills_total", result="stored") == 2
+        assert _value(reg, "tiered_cache_redis_writes_through_total") == 2
+        assert _value(reg, "tiered_cache_near_entries") == 4  # livesum: 2 entries in each live worker
+        assert _value(reg, "tiered_cache_redis_breaker_state") == 0
+        for r in reports:
+            figure(f"metrics: observe_call in multiprocess mode: {r['cost_us']:.2f} µs per call")
+    finally:
+        for w in workers:
+            w.communicate("exit\n", timeout=60)
+    mark_process_dead(reports[0]["pid"], str(tmp_path))
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=str(tmp_path))
+    assert _value(reg, "tiered_cache_near_entries") == 2  # the dead worker's entries are gone
+    assert _value(reg, "tiered_cache_redis_writes_through_total") == 2  # its counts are not
+
+
+def test_relay_metrics_server(dsn: str, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """serve_relay_metrics: backlog, relay counters over HTTP; crossing the lag threshold logs once each way."""
+    with PostgresStore(dsn) as store:
+        store.write_cache(CT, SITE, "a", {"v": 1})  # written around the cache: one change row waits
+    client = redis_client(redis_url)
+    relay = Relay(dsn, RedisTier(client, KeySpace("tc")))
+    reg = CollectorRegistry()
+    caplog.set_level(logging.INFO, logger="tiered_cache.events")
+    m = serve_relay_metrics(0, relay, reg, lag_warning=0.001)
+    try:
+        assert relay.on_delay.__self__ is m  # type: ignore[attr-defined]
+        url = f"http://127.0.0.1:{m.server.server_address[1]}/metrics"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                return answer.read().decode()
+
+        text = scrape()
+        assert "tiered_cache_relay_backlog 1.0" in text
+        assert relay.catch_up() == 1
+        text = scrape()
+        assert "tiered_cache_relay_backlog 0.0" in text and "tiered_cache_relay_changes_total 1.0" in text
+        assert "tiered_cache_redis_kills_total 1.0" in text
+    finally:
+        m.close()
+        relay.stop()
+        client.close()
+    records = [r for r in caplog.records if r.name == "tiered_cache.events"]
+    assert [(r.event, r.levelname) for r in records] == [("relay_lagging", "WARNING"), ("relay_caught_up", "INFO")]  # type: ignore[attr-defined]
+    lagging = records[0]
+    assert lagging.count == 1 and lagging.threshold == 0.001 and lagging.seconds > 0.001  # type: ignore[attr-defined]
+
+
+def test_event_records_and_episodes(caplog: pytest.LogCaptureFixture) -> None:
+    """Each event has stable fields; an episode logs its start once and its end once, however often it is seen."""
+    caplog.set_level(logging.INFO, logger="tiered_cache.events")
+    episode = observe.Episode()
+    for n in (1, 3, 2):
+        if episode.begin(n):
+            observe.kills_owed("tc", n)
+    seconds = episode.end()
+    assert seconds is not None and episode.end() is None
+    observe.kills_drained("tc", episode.peak, seconds)
+    observe.breaker_opened("tc", 2)
+    observe.redis_restarted({"b", "a"}, "connection")
+    records = [r for r in caplog.records if r.name == "tiered_cache.events"]
+    assert [r.event for r in records] == ["kills_owed", "kills_drained", "breaker_opened", "redis_restarted"]  # type: ignore[attr-defined]
+    owed, drained, opened, restarted = records
+    assert (owed.levelname, owed.tier, owed.namespace, owed.count) == ("WARNING", "redis", "tc", 1)  # type: ignore[attr-defined]
+    assert (drained.levelname, drained.count) == ("INFO", 3) and drained.seconds >= 0  # type: ignore[attr-defined]
+    assert opened.count == 2 and not hasattr(opened, "seconds")  # absent fields are left out
+    assert (restarted.namespace, restarted.count, restarted.detector) == ("a,b", 2, "connection")  # type: ignore[attr-defined]
+
+
+_RECORDING = textwrap.dedent(
+    """
+    import json, sys
+    from opentelemetry import trace
+    from tiered_cache import StoreUnavailable, observe
+
+    SPANS = []
+
+    class Span(trace.NonRecordingSpan):
+        def __init__(self, name, attributes):
+            super().__init__(trace.SpanContext(1, len(SPANS) + 1, False, trace.TraceFlags(1)))
+            self.name, self.attributes, self.status, self.ended = name, dict(attributes or {}), None, False
+        def is_recording(self): return True
+        def set_attribute(self, key, value): self.attributes[key] = value
+        def set_status(self, status, description=None): self.status = (status.status_code.name, status.description)
+        def end(self, end_time=None): self.ended = True
+
+    class Tracer(trace.Tracer):
+        def start_span(self, name, context=None, kind=None, attributes=None, **kw):
+            parent = trace.get_current_span(context)
+            SPANS.append(Span(name, attributes))
+            SPANS[-1].parent = parent.get_span_context().span_id if parent.get_span_context().is_valid else None
+            return SPANS[-1]
+        def start_as_current_span(self, *a, **kw): raise NotImplementedError
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, *a, **kw): return Tracer()
+
+    trace.set_tracer_provider(Provider())  # after tiered_cache.observe took its (proxy) tracer
+    with observe.span("get_latest") as s:
+        with observe.span("get_many"):
+            pass
+        s.tier("redis", "hit")
+    try:
+        with observe.span("write_cache"):
+            raise StoreUnavailable("site 987654 secret-target-xyz")
+    except StoreUnavailable:
+        pass
+    print(json.dumps([{"name": x.name, "attributes": x.attributes, "status": x.status, "ended": x.ended,
+                       "parent": x.parent, "id": x.get_span_context().span_id} for x in SPANS]))
+    """
+)
+
+_ABSENT = textwrap.dedent(
+    """
+    import sys, time
+    sys.modules["opentelemetry"] = None  # as if opentelemetry-api were not installed
+    from tiered_cache import observe
+    assert not observe.TRACING
+    n = 500000
+    start = time.perf_counter()
+    for _ in range(n):
+        with observe.span("get_latest") as s:
+            s.tier("near", "hit")
+    print((time.perf_counter() - start) / n * 1e6)
+    """
+)
+
+
+def test_spans_when_a_tracer_provider_records(figure: Callable[[str], None]) -> None:
+    """With a recording provider: one span per call, nested, with the tier and result, and errors by type only."""
+    done = subprocess.run([sys.executable, "-c", _RECORDING], capture_output=True, text=True, timeout=60, check=True)
+    outer, inner, failed = json.loads(done.stdout)
+    assert outer["name"] == "tiered_cache.get_latest" and outer["ended"] and outer["status"] is None
+    assert outer["attributes"] == {"tiered_cache.operation": "get_latest", "tiered_cache.tier": "redis",
+                                   "tiered_cache.result": "hit"}
+    assert inner["name"] == "tiered_cache.get_many" and inner["parent"] == outer["id"]
+    assert failed["status"] == ["ERROR", "StoreUnavailable"] and failed["attributes"]["error.type"] == "StoreUnavailable"
+    assert "987654" not in json.dumps(failed) and "secret" not in json.dumps(failed)
+
+
+def test_spans_cost_nothing_without_opentelemetry(figure: Callable[[str], None]) -> None:
+    """Without opentelemetry-api, span() is a shared no-op: its cost is printed (a fraction of a microsecond)."""
+    done = subprocess.run([sys.executable, "-c", _ABSENT], capture_output=True, text=True, timeout=60, check=True)
+    figure(f"tracing: span() without opentelemetry-api: {float(done.stdout):.3f} µs per call")
+    assert observe.TRACING  # this venv has the extra; without it the no-op path ran above
+    with observe.span("get_latest") as s:  # the proxy tracer with no provider: a span nobody records
+        s.tier("near", "hit")
+
+
+def test_health_reports_each_part(dsn: str, redis_url: str) -> None:
+    """ok on healthy servers; down without PostgreSQL; degraded when the relay is behind."""
+    with TieredCache.connect(dsn, redis_url, near_max_entries=100, relay=True) as c:
+        wait_until(c.listener.subscribed.is_set, 30, what="listener subscribed")  # type: ignore[union-attr]
+        wait_until(lambda: health(c).status == "ok", 30, what="healthy")
+        report = health(c)
+        assert set(report.checks) == {"postgres", "redis", "owed_kills", "listener", "relay"}
+        assert report.as_dict()["status"] == "ok"
+        c.relay.stop()  # type: ignore[union-attr]
+        c.store.write_cache(CT, SITE, "a", {"v": 1})  # a change that nothing applies now
+        late = health(c, max_relay_lag=0.0)
+        assert late.status == "degraded" and late.checks["relay"].count == 1
+    dead = PostgresStore("postgresql://nobody@127.0.0.1:1/none", pool_timeout=0.5, connect_timeout=1)
+    with TieredCache(dead, redis_client(redis_url), owns_clients=True) as c:
+        report = health(c)
+        assert report.status == "down" and not report.ok
+        assert report.checks["postgres"].detail == StoreUnavailable.__name__
