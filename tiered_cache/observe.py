@@ -7,7 +7,8 @@ condition logs once when it starts (WARNING) and once when it ends (INFO), howev
 between (an ``Episode``), so a healthy process logs nothing at INFO.
 
 Spans come from ``opentelemetry.trace.get_tracer('tiered_cache')`` when opentelemetry-api is
-importable (decided at import); otherwise ``span()`` returns one shared no-op object.
+importable (decided at import) and the application has installed a TracerProvider (checked until it
+has); otherwise ``span()`` returns one shared no-op object.
 """
 
 from __future__ import annotations
@@ -223,10 +224,19 @@ class _Span:
 if TRACING:
     # A ProxyTracer: it follows a TracerProvider the application installs after this import.
     _tracer = _trace.get_tracer("tiered_cache")
+_provider_set = False
+
+
+def _recording() -> bool:
+    """Has the application installed a TracerProvider? Until it does, every span would be a no-op: skip it."""
+    global _provider_set
+    if not _provider_set:  # set once for good (OpenTelemetry allows one provider per process)
+        _provider_set = not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
+    return _provider_set
 
 
 def span(op: str) -> Any:
     """A context manager around one public call `op`; its tier() records the tier that answered."""
     if op not in _NAMES:
         raise InvalidInput("op", f"expected one of {', '.join(OPS)}")
-    return _Span(op) if TRACING else _NO_SPAN
+    return _Span(op) if TRACING and (_provider_set or _recording()) else _NO_SPAN
