@@ -264,7 +264,7 @@ def _span_once() -> None:
 
 _WORKER = textwrap.dedent(
     """
-    import json, os, sys, time
+    import inspect, json, os, sys, time
     from prometheus_client.multiprocess import MultiProcessCollector
     from tiered_cache import TieredCache
     from tiered_cache.metrics import cache_metrics
@@ -277,10 +277,13 @@ _WORKER = textwrap.dedent(
     while not cache.listener.subscribed.is_set() and time.monotonic() < deadline:
         time.sleep(0.01)
 
+    wired = "metrics" in inspect.signature(TieredCache.__init__).parameters  # the facade counts by itself
+
     def call(op, tier, result, fn, *args):
         start = time.perf_counter()
         fn(*args)
-        m.observe_call(op, tier, result, time.perf_counter() - start)
+        if not wired:
+            m.observe_call(op, tier, result, time.perf_counter() - start)
 
     call("write_cache", "postgres", "ok", cache.write_cache, ct, site, ns + "-a", {"v": 1})
     while cache.listener.stats.messages < 1 and time.monotonic() < deadline:
@@ -433,7 +436,11 @@ _RECORDING = textwrap.dedent(
     class Provider(trace.TracerProvider):
         def get_tracer(self, *a, **kw): return Tracer()
 
+    assert observe.span("get_latest") is observe._NO_SPAN and not observe.tracing()  # no provider yet
     trace.set_tracer_provider(Provider())  # after tiered_cache.observe took its (proxy) tracer
+    for _ in range(observe._RECHECK):  # noticed within that many calls
+        observe.tracing()
+    assert observe.tracing()
     with observe.span("get_latest") as s:
         with observe.span("get_many"):
             pass
@@ -542,8 +549,76 @@ def test_facade_hook_reports_each_call(dsn: str, redis_url: str) -> None:
         for op, tier, result in sorted(CALLS):
             assert _value(reg, req, op=op, tier=tier, result=result) == expected.get((op, tier, result), 0), (op, tier, result)
         assert _value(reg, "tiered_cache_request_duration_seconds_count", op="get_latest") == 4
-    with pytest.raises(StoreUnavailable):  # PostgreSQL unreachable: counted as its error
-        dead = PostgresStore("postgresql://nobody@127.0.0.1:1/none", pool_timeout=0.3, connect_timeout=1)
-        with TieredCache(dead, redis_client(redis_url), owns_clients=True, metrics=TieredCacheMetrics(reg2 := CollectorRegistry())) as c:
+    reg2 = CollectorRegistry()
+    dead = PostgresStore("postgresql://nobody@127.0.0.1:1/none", pool_timeout=0.3, connect_timeout=1)
+    with TieredCache(dead, redis_client(redis_url), owns_clients=True, metrics=TieredCacheMetrics(reg2)) as c:
+        with pytest.raises(StoreUnavailable):  # PostgreSQL unreachable: counted as its error
             c.write_cache(CT, SITE, "a", {"v": 1})
     assert _value(reg2, "tiered_cache_requests_total", op="write_cache", tier="postgres", result="error") == 1
+
+
+def test_steady_state_is_quiet_at_info(near_cache: TieredCache, caplog: pytest.LogCaptureFixture) -> None:
+    """Writes, hits, misses and fills on healthy servers log nothing at INFO from any tiered_cache logger."""
+    caplog.set_level(logging.INFO, logger="tiered_cache")
+    _script(TieredCacheMetrics(CollectorRegistry()), near_cache)
+    near_cache.set_generating(CT, SITE, "a")
+    near_cache.invalidate_site(SITE)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("tiered_cache")] == []
+
+
+def _tiers_log_events() -> bool:
+    import tiered_cache.relay
+    import tiered_cache.tiers.redis
+
+    return hasattr(tiered_cache.tiers.redis, "observe") and hasattr(Relay("", RedisTier(redis_client("redis://127.0.0.1:1"),
+                                                                                           KeySpace("tc"))), "on_delay")
+
+
+@pytest.mark.skipif(not _tiers_log_events(), reason="the tiers do not log events yet")
+def test_an_outage_logs_each_event_once(dsn: str, redis_url: str, redis_server: Any,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis down for many calls, then back as a new run: each event is logged once, with its fields."""
+    caplog.set_level(logging.INFO, logger="tiered_cache.events")
+    with TieredCache.connect(dsn, redis_url, near_max_entries=100) as c:
+        wait_until(c.listener.subscribed.is_set, 30, what="listener subscribed")  # type: ignore[union-attr]
+        c.get_latest(CT, SITE, "a")
+        redis_server.stop()
+        try:
+            for i in range(20):
+                c.write_cache(CT, SITE, f"k{i}", {"v": i})  # each kill is owed
+                c.get_latest(CT, SITE, "a")
+            wait_until(lambda: c.redis.breaker.trips >= 2, 30, what="a failed half-open probe")
+        finally:
+            redis_server.start()
+        wait_until(lambda: c.redis.pending == 0 and c.redis.breaker.state == "closed", 60, what="kills drained")
+        wait_until(c.listener.subscribed.is_set, 60, what="listener back")  # type: ignore[union-attr]
+    events = [r for r in caplog.records if r.name == "tiered_cache.events"]
+    names = [r.event for r in events]  # type: ignore[attr-defined]
+    for once in ("breaker_opened", "kills_owed", "redis_restarted", "breaker_closed", "kills_drained",
+                 "listener_lost", "listener_resubscribed"):
+        assert names.count(once) == 1, names
+    by = {r.event: r for r in events}  # type: ignore[attr-defined]
+    assert by["kills_drained"].count >= 1 and by["kills_drained"].seconds > 0  # type: ignore[attr-defined]
+    assert by["redis_restarted"].namespace == "tc" and by["redis_restarted"].detector == "connection"  # type: ignore[attr-defined]
+    assert all(r.tier in ("redis", "near") and r.namespace for r in events if r.event != "relay_lagging")  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not _tiers_log_events(), reason="the relay does not report delays yet")
+def test_relay_reports_commit_to_redis_delay(dsn: str, redis_url: str) -> None:
+    """Each batch the relay applies observes its oldest change's age when Redis confirmed it."""
+    with PostgresStore(dsn) as store:
+        store.write_cache(CT, SITE, "a", {"v": 1})
+        time.sleep(0.05)  # the change is at least this old when applied
+        store.write_cache(CT, SITE, "b", {"v": 1})
+    client = redis_client(redis_url)
+    relay = Relay(dsn, RedisTier(client, KeySpace("tc")))
+    reg = CollectorRegistry()
+    m = TieredCacheMetrics(reg)
+    relay.on_delay = m.observe_relay_delay  # type: ignore[attr-defined]
+    try:
+        assert relay.catch_up() == 2
+    finally:
+        relay.stop()
+        client.close()
+    assert _value(reg, "tiered_cache_relay_delay_seconds_count") == 1  # one batch
+    assert 0.05 <= _value(reg, "tiered_cache_relay_delay_seconds_sum") < 60  # type: ignore[operator]

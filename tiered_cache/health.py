@@ -21,7 +21,7 @@ class Check:
 
 @dataclass(frozen=True)
 class Health:
-    """ok: every tier serves. degraded: answers are still right but slower (from PostgreSQL). down: PostgreSQL is not reachable."""
+    """ok: every tier serves; degraded: answers still right, but slower (from PostgreSQL); down: no PostgreSQL."""
 
     status: str
     checks: dict[str, Check] = field(default_factory=dict)

@@ -52,12 +52,14 @@ _COUNTERS = {
     "lookups": ("lookups", "Keys looked up in a cache tier, by result (get_many counts each key)", ("tier", "result")),
     "redis_errors": ("redis_errors", "Redis calls that failed (timeout, refused connection, error answer)", ()),
     "redis_skipped": ("redis_skipped", "Redis reads skipped because the breaker was open or kills were owed", ()),
-    "fills": ("redis_fills", "Leased fills of Redis after a miss: stored, or refused because a change took the lease", ("result",)),
+    "fills": ("redis_fills", "Leased fills of Redis after a miss: stored, or refused (a change took the lease)",
+              ("result",)),
     "writes_through": ("redis_writes_through", "Writes whose new state was stored in Redis right after the commit", ()),
     "kills": ("redis_kills", "Keys dropped from Redis after a change", ()),
-    "breaker_trips": ("redis_breaker_trips", "Times the Redis circuit breaker opened (a failed half-open probe counts again)", ()),
+    "breaker_trips": ("redis_breaker_trips", "Times the Redis breaker opened (a failed half-open probe counts again)", ()),
     "restarts": ("redis_restarts", "Redis restarts or failovers detected (new run id), by what saw it", ("detector",)),
-    "near_puts": ("near_puts", "Answers offered to the near tier: stored, or skipped because their key changed meanwhile", ("result",)),
+    "near_puts": ("near_puts", "Answers offered to the near tier: stored, or skipped (their key changed meanwhile)",
+                  ("result",)),
     "near_evictions": ("near_evictions", "Near-tier entries dropped, by reason (change: their key changed)", ("reason",)),
     "near_invalidations": ("near_invalidations", "Changes applied to the near tier (announced or made in this process)", ()),
     "near_flushes": ("near_flushes", "Times the near tier was emptied (gap, lost connection, restart, announced flush)", ()),
@@ -74,7 +76,8 @@ _COUNTERS = {
 
 # Gauge families: attribute -> (name after the prefix; help; multiprocess mode; how one process combines objects).
 _GAUGES = {
-    "breaker_state": ("redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open (the worst of the live processes)", "livemax", max),
+    "breaker_state": ("redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open (worst live process)",
+                      "livemax", max),
     "owed_kills": ("redis_owed_kills", "Kills waiting to reach Redis (the process keeps off Redis meanwhile)", "livesum", sum),
     "near_entries": ("near_entries", "Entries held by near tiers", "livesum", sum),
     "near_bytes": ("near_bytes", "Bytes accounted by near tiers", "livesum", sum),
@@ -185,7 +188,7 @@ class TieredCacheMetrics:
         self.duration = Histogram(p + "request_duration_seconds", "Latency of public calls", ("op",),
                                   buckets=LATENCY_BUCKETS, registry=reg)
         self.relay_delay = Histogram(p + "relay_delay_seconds",
-                                     "Commit to Redis through the relay: age of a batch's oldest change when Redis confirmed it",
+                                     "Commit to Redis through the relay: a batch's oldest change's age when Redis confirmed it",
                                      buckets=RELAY_DELAY_BUCKETS, registry=reg)
         self.families: dict[str, Any] = {
             attr: Counter(p + name, doc, labels, registry=reg) for attr, (name, doc, labels) in _COUNTERS.items()
@@ -197,7 +200,8 @@ class TieredCacheMetrics:
         # Children resolved once: a call costs one dict lookup, not a labels() call.
         self._calls = {(op, t, r): (self.requests.labels(op, t, r), self.duration.labels(op)) for op, t, r in sorted(CALLS)}
         self._counters = {
-            key: self.families[attr].labels(*values) if values else self.families[attr] for key, (attr, values) in COUNTERS.items()
+            key: self.families[attr].labels(*values) if values else self.families[attr]
+            for key, (attr, values) in COUNTERS.items()
         }
         self._gauges = {key: self.families[attr] for key, attr in GAUGES.items()}
         _fork.register(self)
@@ -374,6 +378,8 @@ def cache_metrics(cache: Any, registry: CollectorRegistry | None = None, **optio
     metrics = metrics_for(registry, **options)
     metrics.watch(cache)
     cache.metrics = metrics  # TieredCache reports each public call to it
+    if getattr(cache, "relay", None) is not None:
+        cache.relay.on_delay = metrics.observe_relay_delay  # an in-process relay reports its batches' delays
     return metrics
 
 

@@ -7,8 +7,8 @@ condition logs once when it starts (WARNING) and once when it ends (INFO), howev
 between (an ``Episode``), so a healthy process logs nothing at INFO.
 
 Spans come from ``opentelemetry.trace.get_tracer('tiered_cache')`` when opentelemetry-api is
-importable (decided at import) and the application has installed a TracerProvider (checked until it
-has); otherwise ``span()`` returns one shared no-op object.
+importable (decided at import) and the application has installed a TracerProvider (looked for every
+1000 calls until it has); otherwise ``span()`` returns one shared no-op object.
 """
 
 from __future__ import annotations
@@ -225,13 +225,23 @@ if TRACING:
     # A ProxyTracer: it follows a TracerProvider the application installs after this import.
     _tracer = _trace.get_tracer("tiered_cache")
 _provider_set = False
+_RECHECK = 1000  # calls between looks for a provider installed after import (a look costs an environ lookup)
+_countdown = 1
 
 
-def _recording() -> bool:
-    """Has the application installed a TracerProvider? Until it does, every span would be a no-op: skip it."""
-    global _provider_set
-    if not _provider_set:  # set once for good (OpenTelemetry allows one provider per process)
-        _provider_set = not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
+def tracing() -> bool:
+    """Would a span record? Only with opentelemetry-api and a TracerProvider installed (looked for every 1000 calls)."""
+    global _countdown, _provider_set
+    if _provider_set:
+        return True
+    if not TRACING:
+        return False
+    _countdown -= 1
+    if _countdown > 0:
+        return False
+    _countdown = _RECHECK
+    # Set once for good: OpenTelemetry allows one provider per process.
+    _provider_set = not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
     return _provider_set
 
 
@@ -239,4 +249,4 @@ def span(op: str) -> Any:
     """A context manager around one public call `op`; its tier() records the tier that answered."""
     if op not in _NAMES:
         raise InvalidInput("op", f"expected one of {', '.join(OPS)}")
-    return _Span(op) if TRACING and (_provider_set or _recording()) else _NO_SPAN
+    return _Span(op) if _provider_set or tracing() else _NO_SPAN
