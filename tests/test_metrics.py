@@ -387,6 +387,18 @@ def test_relay_metrics_server(dsn: str, redis_url: str, caplog: pytest.LogCaptur
     assert lagging.count == 1 and lagging.threshold == 0.001 and lagging.seconds > 0.001  # type: ignore[attr-defined]
 
 
+def test_unmeasurable_backlog_is_nan_not_zero(redis_url: str) -> None:
+    """With PostgreSQL unreachable the relay's backlog is unknown: NaN, and the scrape still answers."""
+    client = redis_client(redis_url)
+    relay = Relay("postgresql://nobody@127.0.0.1:1/none", RedisTier(client, KeySpace("tc")), connect_timeout=1)
+    reg = CollectorRegistry()
+    TieredCacheMetrics(reg).watch(relay, lag=True)
+    text = generate_latest(reg).decode()
+    assert "tiered_cache_relay_backlog NaN" in text and "tiered_cache_relay_backlog_age_seconds NaN" in text
+    assert "tiered_cache_relay_changes_total 0.0" in text
+    client.close()
+
+
 def test_event_records_and_episodes(caplog: pytest.LogCaptureFixture) -> None:
     """Each event has stable fields; an episode logs its start once and its end once, however often it is seen."""
     caplog.set_level(logging.INFO, logger="tiered_cache.events")

@@ -143,19 +143,20 @@ def multiprocess_mode() -> bool:
 
 
 class _SyncOnScrape:
-    """Registered before the families, so a scrape of this process copies stats() first; yields nothing itself."""
+    """Registered before the families, so a scrape of this process copies stats() first; yields nothing itself.
+
+    It holds the metrics object: the registry keeps it alive, as it keeps the families.
+    """
 
     def __init__(self, metrics: TieredCacheMetrics) -> None:
-        self._metrics = weakref.ref(metrics)
+        self._metrics = metrics
 
     def describe(self) -> list[Any]:
         """Nothing to describe (else an auto-describing registry, like the default one, collects at register time)."""
         return []
 
     def collect(self) -> list[Any]:
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics._sync_quietly()
+        self._metrics._sync_quietly()
         return []
 
 
@@ -265,8 +266,9 @@ class TieredCacheMetrics:
                     counted[key] = value
                 elif key in self._gauges:
                     levels[key] = value
-            if section == "relay" and "backlog_age" in values and source in self._lag:
-                self._lag[source].update(values["backlog_age"], int(values.get("backlog", 0)))
+            age = values.get("backlog_age") if section == "relay" else None
+            if age is not None and age == age and source in self._lag:  # NaN (not measured) is not a lag
+                self._lag[source].update(age, int(values.get("backlog", 0)))
 
     def _sync_quietly(self) -> None:
         """sync() for a scrape or the thread: a failure is logged once, never breaks the scrape."""
