@@ -266,6 +266,16 @@ def test_write_through_of_an_expired_row_stores_nothing(tier: RedisTier, backend
     assert backend.client.exists(*ks.all) == 0
 
 
+def test_writer_leases_on_many_keys_refuse_every_fill_in_flight(tier: RedisTier, backend: Backend) -> None:
+    """leases_for_write (invalidate_site, before its commit) displaces each key's reader lease in one pipeline."""
+    keysets = [ks_of(tier, t) for t in "abc"]
+    tokens = tier.leases([ks.lease for ks in keysets])
+    tier.leases_for_write(keysets)
+    assert all(backend.client.get(ks.lease).startswith(b"w") for ks in keysets)  # type: ignore[union-attr]
+    tier.fill_entries([(ks, t, encode_entry(row(1)), row(1)) for ks, t in zip(keysets, tokens)])  # type: ignore[misc]
+    assert backend.client.exists(*(ks.entry for ks in keysets)) == 0 and tier.stats.fills_refused == 3
+
+
 def test_release_deletes_only_its_own_token(tier: RedisTier, backend: Backend) -> None:
     """release() with a token that is not the current lease leaves the lease; with its own it deletes it."""
     ks = ks_of(tier)
@@ -448,8 +458,9 @@ def test_near_tiers_of_two_processes_stay_coherent(store: PostgresStore, backend
             strict=True, raises=AssertionError,
             reason="fakeredis has no INFO command; CoherenceListener._subscribe asks INFO server for the run id "
                    "and so never subscribes: the near tier stays off on fakeredis"))
-    one = TieredCache(store, backend.new_client(), namespace="contract", near_max_entries=100)
-    two = TieredCache(store, backend.new_client(), namespace="contract", near_max_entries=100)
+    near = {"near_max_entries": 100, "near_max_age": 60.0}  # no entry ages out between two reads on a slow machine
+    one = TieredCache(store, backend.new_client(), namespace="contract", **near)
+    two = TieredCache(store, backend.new_client(), namespace="contract", **near)
     try:
         for cache in (one, two):
             listener = cache.listener
@@ -458,7 +469,7 @@ def test_near_tiers_of_two_processes_stay_coherent(store: PostgresStore, backend
             wait_until(lambda: listener.subscribed.is_set() or listener.stats.reconnects >= 3, timeout=30,
                        what="the near tier's listener subscribes or fails")
             assert listener.subscribed.is_set(), f"listener failed {listener.stats.reconnects} times to subscribe"
-        one.write_cache(CT, SITE, "n", {"v": 1})
+        store.write_cache(CT, SITE, "n", {"v": 1})  # PostgreSQL only: no announcement can race the reads below
         assert two.get_latest(CT, SITE, "n")["result_json"] == {"v": 1}  # type: ignore[index]
         assert two.get_latest(CT, SITE, "n")["result_json"] == {"v": 1}  # type: ignore[index]
         assert two.near is not None and two.near.stats.hits == 1

@@ -93,7 +93,9 @@ def _ready(cache: TieredCache, hint: str = "") -> TieredCache:
 
 
 @pytest.fixture
-def tiered_cache(request: pytest.FixtureRequest, tiered_cache_postgres: str, tiered_cache_redis: str) -> Iterator[TieredCache]:
+def tiered_cache(
+    request: pytest.FixtureRequest, tiered_cache_postgres: str, tiered_cache_redis: str
+) -> Iterator[TieredCache]:
     """A TieredCache on the session's throwaway servers, emptied before the test and closed after it."""
     from tiered_cache import TieredCache
 

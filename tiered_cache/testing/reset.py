@@ -19,7 +19,8 @@ def empty_tables(dsn: str) -> None:
             )
         ]
         if not tables:
-            raise ConfigurationError(f"empty_tables: no tiered_cache tables in {conn.info.dbname!r}; run migrate() first")
+            raise ConfigurationError(
+                f"empty_tables: no tiered_cache tables in database {conn.info.dbname!r}; run migrate() first")
         # As a replica: the truncate must not itself record a change for the relay.
         conn.execute("SET session_replication_role = replica")
         conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
