@@ -147,6 +147,40 @@ def test_each_test_starts_empty_and_the_marker_sets_options(pytester: pytest.Pyt
     result.stdout.fnmatch_lines(["*takes keyword options only*"])
 
 
+#: A conftest that hides lupa, as if fakeredis were installed without its lua extra, and counts PostgreSQL starts.
+NO_LUPA_CONFTEST = '''\
+import sys
+
+sys.modules["lupa"] = None
+
+from tiered_cache.testing import postgres
+
+started = []
+_start = postgres.PostgresServer.start
+
+
+def start(self):
+    started.append(self)
+    return _start(self)
+
+
+postgres.PostgresServer.start = start
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"postgres servers started: {len(started)}")
+'''
+
+
+def test_tiered_cache_fake_without_lupa_says_what_to_install(pytester: pytest.Pytester) -> None:
+    """Without lupa, tiered_cache_fake errors at setup naming the extra, before any PostgreSQL is started."""
+    pytester.makeconftest(NO_LUPA_CONFTEST)
+    result = run(pytester, test_no_lua="def test_fake(tiered_cache_fake):\n    pass\n")
+    result.assert_outcomes(errors=1)
+    result.stdout.re_match_lines([r".*ConfigurationError: .*lupa is missing; pip install 'tiered_cache\[testing\]'.*"])
+    result.stdout.fnmatch_lines(["postgres servers started: 0"])
+
+
 def test_the_readme_shows_this_example(request: pytest.FixtureRequest) -> None:
     """Once the README has its testing example, it is exactly README_EXAMPLE (so the proven text is the shown one)."""
     readme = (Path(request.config.rootpath) / "README.md").read_text()

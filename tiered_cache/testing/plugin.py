@@ -109,19 +109,20 @@ def tiered_cache(
 
 
 @pytest.fixture
-def tiered_cache_fake(request: pytest.FixtureRequest, tiered_cache_postgres: str) -> Iterator[TieredCache]:
+def tiered_cache_fake(request: pytest.FixtureRequest) -> Iterator[TieredCache]:
     """A TieredCache whose Redis is fakeredis (a new, empty one per test) over the real, emptied PostgreSQL."""
     from tiered_cache import PostgresStore, TieredCache
 
     from .fake import fake_redis_client
     from .reset import empty_tables
 
-    client = fake_redis_client()  # first: a missing extra fails the test before any server work
-    empty_tables(tiered_cache_postgres)
+    client = fake_redis_client()  # first: a missing fakeredis or lupa fails before PostgreSQL is started
+    dsn: str = request.getfixturevalue("tiered_cache_postgres")
+    empty_tables(dsn)
     options = _options(request)
     options.pop("redis_timeout", None)  # a socket option of connect(); fakeredis has no socket
     store_names = {n for n, p in inspect.signature(PostgresStore).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    store = PostgresStore(tiered_cache_postgres, **{k: options.pop(k) for k in list(options) if k in store_names})
+    store = PostgresStore(dsn, **{k: options.pop(k) for k in list(options) if k in store_names})
     try:
         cache = TieredCache(store, client, owns_clients=True, **options)
     except BaseException:
