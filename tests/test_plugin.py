@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,16 +115,19 @@ def run(pytester: pytest.Pytester, **files: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-rA", "-p", "no:cacheprovider", timeout=600)
 
 
-def test_the_readme_example_passes_on_the_plugins_fixtures(pytester: pytest.Pytester) -> None:
+def test_the_readme_example_passes_on_the_plugins_fixtures(pytester: pytest.Pytester,
+                                                          figure: Callable[[str], None]) -> None:
     """The README's example test file passes as written: real servers, the near-tier marker, and fakeredis."""
     result = run(pytester, test_readme_example=README_EXAMPLE)
     result.assert_outcomes(passed=3)
+    figure(f"plugin: the README example in a fresh pytest, both servers started: {result.duration:.1f} s")
 
 
-def test_a_test_asking_for_nothing_starts_no_server(pytester: pytest.Pytester) -> None:
+def test_a_test_asking_for_nothing_starts_no_server(pytester: pytest.Pytester, figure: Callable[[str], None]) -> None:
     """With the plugin loaded, a test that requests none of its fixtures runs with no server and no child process."""
     result = run(pytester, test_nothing=NOTHING_STARTS)
     result.assert_outcomes(passed=2)
+    figure(f"plugin: a fresh pytest with one test asking for nothing and one for Redis: {result.duration:.1f} s")
 
 
 def test_each_test_starts_empty_and_the_marker_sets_options(pytester: pytest.Pytester) -> None:
