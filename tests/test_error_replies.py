@@ -233,8 +233,8 @@ def spread(values: list[float]) -> str:
 
 
 def fill_until_oom(admin: redis.Redis) -> int:
-    """SET junk until Redis answers OOM, then lower maxmemory 256 KB below what is used: every memory-growing
-    command stays refused even though each kill frees an entry (and client buffers come and go)."""
+    """SET junk until Redis answers OOM, then lower maxmemory 1 MB below what is used: every memory-growing
+    command stays refused even though each kill frees an entry (and client buffers shrink when idle)."""
     for n in range(100_000):
         try:
             admin.set(f"junk:{n}", b"x" * 4096)
@@ -242,7 +242,7 @@ def fill_until_oom(admin: redis.Redis) -> int:
             break
     else:
         raise AssertionError("Redis never answered OOM")
-    admin.config_set("maxmemory", admin.info("memory")["used_memory"] - (256 << 10))
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] - (1 << 20))
     with pytest.raises(redis.OutOfMemoryError):
         admin.set("oom-check", 1, nx=True, px=5000)  # a lease-sized SET is refused too
     return n
@@ -345,7 +345,7 @@ def test_busy_script_kill_lands_once_script_kill_clears_it(dsn: str, figure: Cal
                 script = threading.Thread(target=block, daemon=True)
                 script.start()
                 wait_until(lambda: is_busy(admin), 10, interval=0.01, what="Redis answering BUSY")
-                delay = random.uniform(0.05, 0.3)
+                delay = random.uniform(0.05, 0.25)
                 killer = threading.Timer(delay, admin.script_kill)
                 start = time.monotonic()
                 killer.start()
@@ -359,7 +359,7 @@ def test_busy_script_kill_lands_once_script_kill_clears_it(dsn: str, figure: Cal
                 seen = local.read(target) + remote.call("read", target)
                 stale.extend(f"{target}: read {s}, not {v2}; SCRIPT KILL {delay * 1000:.0f} ms in, write returned "
                              f"{(returned - start) * 1000:.0f} ms in" for s in seen if s != v2)
-            figure(f"BUSY (script, SCRIPT KILL 50-300 ms into the write): {len(waited)} writes, write took "
+            figure(f"BUSY (script, SCRIPT KILL 50-250 ms into the write): {len(waited)} writes, write took "
                    f"{spread(waited)}; stale reads after the write returned: {len(stale)} of {2 * len(waited)}; "
                    f"owed kills {writer.redis.pending}")
             assert not stale, stale
