@@ -51,7 +51,7 @@ from ..policy.keys import KeySet, KeySpace
 from ._lua import FILL_SCRIPT, KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT, evalsha, run_pipeline, send
 from ._owed import NAMESPACE, OwedKills
 from ._probe import WriteProbe
-from ._runwatch import RunWatch
+from ._runwatch import RunWatch, drop_namespace
 
 __all__ = ["CONTENDED", "RedisStats", "RedisTier", "RunWatch"]
 
@@ -464,21 +464,9 @@ class RedisTier:
         return results
 
     def flush_namespace(self) -> int:
-        """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure.
-
-        Two passes: a lease the first pass missed was consumed during it, so its entry exists for the second.
-        """
-        deleted = 0
+        """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure."""
         try:
-            for _ in range(2):
-                batch: list[bytes] = []
-                for key in self.client.scan_iter(match=self.keys.pattern, count=1000):
-                    batch.append(key)
-                    if len(batch) >= 1000:
-                        deleted += self.client.unlink(*batch)
-                        batch.clear()
-                if batch:
-                    deleted += self.client.unlink(*batch)
+            deleted = drop_namespace(self.client.execute_command, self.keys.namespace)
             if self.channel:
                 self.client.publish(self.channel, self._message("*"))
         except RedisError as exc:
