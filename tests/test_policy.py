@@ -409,7 +409,7 @@ def test_refusal_watch_clears_only_after_writes_were_accepted_for_the_hold_down(
     assert not watch.accepted(), "not refusing: nothing to clear"
 
 
-@pytest.mark.parametrize(("interval", "hold"), [(0, 1.0), (-1, 1.0), (0.5, -0.1)])
+@pytest.mark.parametrize(("interval", "hold"), [(0, 1.0), (-1, 1.0), (0.5, -0.1), ("0.5", 1.0), (0.5, True)])
 def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -> None:
     """A probe that never runs, or a negative hold-down, is a configuration error."""
     with pytest.raises(ConfigurationError):

@@ -117,7 +117,8 @@ class RefusalWatch:
 
     def __init__(self, probe_interval: float = 0.5, hold_down: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not probe_interval > 0 or not hold_down >= 0:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (probe_interval, hold_down))
+        if not numbers or not probe_interval > 0 or not hold_down >= 0:
             raise ConfigurationError(
                 f"refusal watch: probe_interval must be > 0 and hold_down >= 0, got {probe_interval}, {hold_down}")
         self.probe_interval = probe_interval

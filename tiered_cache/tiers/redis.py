@@ -103,8 +103,12 @@ class RedisTier:
     ) -> None:
         if isinstance(kill_wait, bool) or not isinstance(kill_wait, (int, float)) or not 0 <= kill_wait <= 60:
             raise ConfigurationError(f"kill_wait: expected seconds in [0, 60], got {kill_wait!r}")
-        if isinstance(max_owed, bool) or not isinstance(max_owed, int) or max_owed < 1:
-            raise ConfigurationError(f"max_owed: expected an int >= 1, got {max_owed!r}")
+        self._probe = WriteProbe(self, probe_interval, hold_down)
+        self._refusal = self._probe.watch  # read on the hit path
+        # Kills that could not reach Redis; applied before this process reads Redis again.
+        self._owed = OwedKills(self, 1)
+        self.max_owed = max_owed
+        self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
         self.keys = keys
         self.negative_ms = int(negative_ttl * 1000)
@@ -119,11 +123,6 @@ class RedisTier:
         if isinstance(watch, RunWatch):
             watch.watch(keys.namespace, self.channel)
         self._new_identity()
-        self._probe = WriteProbe(self, probe_interval, hold_down)
-        self._refusal = self._probe.watch  # read on the hit path
-        # Kills that could not reach Redis; applied before this process reads Redis again.
-        self._owed = OwedKills(self, max_owed)
-        self._pending = self._owed.keys  # the same dict, read on the hit path
         _fork.register(self)
 
     def _new_identity(self) -> None:
@@ -151,6 +150,8 @@ class RedisTier:
 
     @max_owed.setter
     def max_owed(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"max_owed: expected an int >= 1, got {value!r}")
         self._owed.limit = value
 
     # -- plumbing -------------------------------------------------------------------------------
