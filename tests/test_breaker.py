@@ -73,3 +73,12 @@ def test_rejects_unusable_settings(threshold: int, reset_after: float) -> None:
     """A breaker that could never close or never open is a configuration error."""
     with pytest.raises(ValueError):
         CircuitBreaker(threshold=threshold, reset_after=reset_after)
+
+
+def test_a_forked_child_gets_a_lock_of_its_own() -> None:
+    """A lock held (by another thread) at fork time would block the child forever: the fork hook replaces it."""
+    b = CircuitBreaker(threshold=1, reset_after=1.0, clock=FakeClock())
+    b._lock.acquire()  # as if another thread held it when the process forked
+    b._after_fork_in_child()
+    b.failure()
+    assert b.state == OPEN

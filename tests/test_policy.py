@@ -1,4 +1,4 @@
-"""Pure policy: the expiry table and the Redis key layout. No I/O; every clock is fixed."""
+"""Pure policy: expiry table, Redis key layout and glob patterns, refusal watch. No I/O; every clock is fixed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tiered_cache import DEFAULT_EXPIRY_DAYS, ConfigurationError, ExpiryPolicy, InvalidInput, TieredCacheError
-from tiered_cache.policy.keys import KeySet, KeySpace, escape, validate_namespace
+from tiered_cache.policy.failures import RefusalWatch
+from tiered_cache.policy.keys import KeySet, KeySpace, escape, glob_escape, namespace_pattern, validate_namespace
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 UTC = timezone.utc
@@ -333,3 +334,83 @@ def test_good_namespace_is_used_as_prefix() -> None:
     assert space.entry("a", 1, "b").startswith("prod:cache:e:{")
     assert space.channel.startswith("prod:cache:")
     assert KeySpace("x" * 64).namespace == "x" * 64
+
+
+# ------------------------------------------------------------------------------------- glob patterns
+
+
+@pytest.mark.parametrize(
+    ("namespace", "pattern"),
+    [("tc", "tc:*"), ("tc[prod]", r"tc\[prod\]:*"), ("a*b", r"a\*b:*"), ("q?", r"q\?:*"),
+     ("back\\slash", r"back\\slash:*"), ("[]*?\\", r"\[\]\*\?\\:*")],
+)
+def test_namespace_pattern_escapes_every_glob_character(namespace: str, pattern: str) -> None:
+    """SCAN MATCH on a namespace's keys: '*', '?', '[', ']' and backslash are escaped, so they match themselves."""
+    assert namespace_pattern(namespace) == pattern
+    assert KeySpace(namespace).pattern == pattern
+
+
+@given(st.text(min_size=1, max_size=64))
+def test_glob_escape_leaves_no_glob_character_unescaped(literal: str) -> None:
+    """Reading the escaped pattern back (a backslash makes the next character literal) gives the literal again."""
+    escaped = glob_escape(literal)
+    out, i = [], 0
+    while i < len(escaped):
+        c = escaped[i]
+        assert c not in "*?[]", f"unescaped {c!r} in {escaped!r}"
+        if c == "\\":
+            i += 1
+            c = escaped[i]
+        out.append(c)
+        i += 1
+    assert "".join(out) == literal
+
+
+def test_probe_key_is_in_the_namespace_and_no_entry() -> None:
+    """The write probe's key is the namespace's own (a flush drops it) and never one of a cache key's."""
+    space = KeySpace("tc")
+    assert space.probe == "tc:probe" and space.probe.startswith("tc:")
+    assert space.probe not in space.keyset("probe", 1, "x").all
+
+
+# ------------------------------------------------------------------------------------- refusal watch
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusal_watch_clears_only_after_writes_were_accepted_for_the_hold_down() -> None:
+    """A refusal holds until writes were accepted for hold_down without a refusal in between; an outage restarts it."""
+    clock = Clock()
+    watch = RefusalWatch(probe_interval=0.5, hold_down=2.0, clock=clock)
+    assert not watch.refusing and watch.due(clock.now), "a new tier probes on its first read"
+    assert not watch.due(clock.now + 0.49) and watch.due(clock.now + 0.5)
+    assert watch.refused() and watch.refusing and watch.episodes == 1
+    assert not watch.refused(), "already refusing: not a new episode"
+    clock.now += 1
+    assert not watch.accepted()  # the first accepted write starts the hold-down
+    clock.now += 1.9
+    assert not watch.accepted() and watch.refusing
+    watch.refused()  # refused again: start over
+    clock.now += 0.1
+    assert not watch.accepted()
+    clock.now += 1.0
+    watch.unanswered()  # no answer proves nothing: start over
+    assert not watch.accepted()
+    clock.now += 2.0
+    assert watch.accepted() and not watch.refusing
+    assert not watch.accepted(), "not refusing: nothing to clear"
+
+
+@pytest.mark.parametrize(("interval", "hold"), [(0, 1.0), (-1, 1.0), (0.5, -0.1), ("0.5", 1.0), (0.5, True)])
+def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -> None:
+    """A probe that never runs, or a negative hold-down, is a configuration error."""
+    with pytest.raises(ConfigurationError):
+        RefusalWatch(interval, hold)

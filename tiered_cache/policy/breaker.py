@@ -26,6 +26,10 @@ class CircuitBreaker:
         self.trips = 0
         self._lock = threading.Lock()
 
+    def _after_fork_in_child(self) -> None:
+        """A lock another thread held at fork time would stay locked in the child: take a new one."""
+        self._lock = threading.Lock()
+
     def allow(self) -> bool:
         """May a call go to the tier now? In half-open, exactly one caller is let through as the probe."""
         if self.state == CLOSED:

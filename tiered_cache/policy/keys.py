@@ -18,6 +18,20 @@ def escape(part: str) -> str:
     return part.translate(_ESCAPES)
 
 
+# Redis's glob reads a backslash-escaped character as itself, whatever it is.
+_GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+
+
+def glob_escape(literal: str) -> str:
+    """A SCAN MATCH / KEYS pattern that matches `literal` and nothing else (Redis's glob takes backslash escapes)."""
+    return literal.translate(_GLOB)
+
+
+def namespace_pattern(namespace: str) -> str:
+    """The pattern of every key of a namespace; `tc[prod]` or `a*b` must not match other namespaces, or none."""
+    return glob_escape(namespace) + ":*"
+
+
 def validate_namespace(namespace: str) -> str:
     """A namespace may not contain braces (they would move the hash tag) or be empty."""
     if not isinstance(namespace, str) or not namespace:
@@ -48,12 +62,14 @@ class KeySet:
 class KeySpace:
     """Builds keys under one namespace; pure and cheap, called on every read."""
 
-    __slots__ = ("namespace", "_prefix", "channel")
+    __slots__ = ("namespace", "_prefix", "channel", "probe", "pattern")
 
     def __init__(self, namespace: str = "tc") -> None:
         self.namespace = validate_namespace(namespace)
         self._prefix = namespace + ":"
         self.channel = namespace + ":changes"
+        self.probe = namespace + ":probe"  # never holds a value: only DEL'd, to learn whether writes are accepted
+        self.pattern = namespace_pattern(namespace)
 
     def tag(self, cache_type: str, site_id: int, target_id: str) -> str:
         """The hash-tag body; injective because no escaped part contains ':' and site_id is an int."""

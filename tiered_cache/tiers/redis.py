@@ -5,6 +5,27 @@ lease token taken *before* the filler's PostgreSQL snapshot is still in place, a
 deletes the entry and every lease of its key *after* its commit. So a fill that read the database
 before a change either lands before that change's kill (and is removed by it) or finds its lease
 gone and is refused. A lost lease (eviction, FLUSHALL, restart) only ever refuses a fill.
+
+When Redis fails, policy/failures.py says what the failure means, once, for every path here:
+- No answer (refused, reset, timeout): an outage. The breaker counts it; the kill is owed at once (a
+  write pays one redis_timeout at most) and this process reads Redis again only after it landed.
+- An empty local pool: not an outage. A read goes to PostgreSQL, a kill waits up to `kill_wait`.
+- OOM: only memory-growing commands are refused. The writer's lease is skipped; its kill (DEL) lands
+  before the write returns.
+- BUSY, LOADING (everything refused until it clears): the kill is retried every 5 ms for up to
+  `kill_wait` (1 s), so it lands before the write returns if Redis clears by then; else it is owed and
+  retried every 20 ms. A tier that saw the answer is held down as below.
+- READONLY, MISCONF, NOREPLICAS: Redis serves reads but refuses every write, kills included. A writer
+  whose kill is refused stops reading Redis at once. Every other tier learns it from its write probe
+  (a DEL of `<namespace>:probe`: it needs no memory, so OOM never trips it), pipelined with a read at
+  most every `probe_interval` (0.5 s). The bound: no tier serves an entry from a Redis that refuses
+  writes for longer than probe_interval (plus one round trip) after the refusal began; measured in
+  tests/test_error_replies.py. A refusing tier answers DOWN (the facade reads PostgreSQL), skips fills,
+  announces one flush (near tiers drop what they hold) and reads Redis again only once its probes were
+  accepted for `hold_down` (2 s): longer than the owed kills' 20 ms cadence and the relay's 1 s backoff,
+  so the kills owed meanwhile land first.
+Owed kills are bounded (`max_owed` keys); past that the whole namespace is dropped once Redis answers,
+and this process reads Redis again only after the drop landed.
 """
 
 from __future__ import annotations
@@ -12,184 +33,35 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
-import threading
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
+from .. import _fork
 from ..contracts import DOWN, MISS, Row, _Sentinel
+from ..errors import ConfigurationError
 from ..policy.breaker import CLOSED, CircuitBreaker
 from ..policy.entries import encode_entry, expires_at_ms
+from ..policy.failures import BUSY, OUTAGE, SATURATED, WRITES_REFUSED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
+from ._lua import FILL_SCRIPT, KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT, evalsha, run_pipeline, send
+from ._owed import NAMESPACE, OwedKills
+from ._probe import WriteProbe
+from ._runwatch import RunWatch, drop_namespace
+
+__all__ = ["CONTENDED", "RedisStats", "RedisTier", "RunWatch"]
 
 logger = logging.getLogger(__name__)
 
-_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
-
-_DRAIN_CHUNK = 500  # owed kills per pipeline, so one drain never holds a connection for long
+_monotonic = time.monotonic
+_RETRY_EVERY = 0.005  # a kill answered BUSY (or short of a pooled connection) is tried again this often
 
 #: lease_for_write displaced another writer's lease: kill after the commit, store nothing.
 CONTENDED = _Sentinel("CONTENDED")
-
-_NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
-
-# No shebang flags on any script: they need Redis 7, and the embedded fallback is 6.2. Without them a
-# script runs when Redis is full and only a memory-growing command inside it (SET) is refused, so a
-# kill (DEL, PUBLISH) always works.
-
-# KEYS: entry, history, lease, history_lease, writer. ARGV: channel ('' = silent), message,
-# scope ('all'|'history'), txid, no-op message. With a txid (the relay), the kill is skipped when the
-# entry was stored by that very transaction's write-through; the no-op keeps the sequence unbroken.
-KILL = """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) == ARGV[4] then
-  if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[5]) end
-  return 0
-end
-if ARGV[3] == 'history' then
-  redis.call('DEL', KEYS[2], KEYS[4])
-else
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-end
-if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return 1
-"""
-
-# A writer's change: kill everything of the key, then store the new state (and the writer's
-# transaction id beside it) only if the writer's pre-commit lease survived.
-# ARGV: token, value, mode ('pxat'|'px'), ms, channel, message, txid.
-WRITE_THROUGH = (
-    """
-local mine = redis.call('GET', KEYS[3]) == ARGV[1]
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-local stored = 0
-if mine then
-  local mode = 'PX'
-  if ARGV[3] == 'pxat' then
-    mode = 'PXAT'
-    """
-    + _NOW_MS
-    + """
-    if tonumber(ARGV[4]) <= now then mine = false end
-  end
-  if mine then
-    redis.call('SET', KEYS[1], ARGV[2], mode, ARGV[4])
-    if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], mode, ARGV[4]) end
-    stored = 1
-  end
-end
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-return stored
-"""
-)
-
-# A reader's fill. KEYS: target, lease. ARGV: token, value, mode ('pxat'|'px'), ms, hash field ('' = string).
-FILL = (
-    """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-if ARGV[3] == 'pxat' then
-  """
-    + _NOW_MS
-    + """
-  if tonumber(ARGV[4]) <= now then return -1 end
-end
-if ARGV[5] == '' then
-  redis.call('SET', KEYS[1], ARGV[2], string.upper(ARGV[3]), ARGV[4])
-else
-  redis.call('HSET', KEYS[1], ARGV[5], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return 1
-"""
-)
-
-# Give back a lease that was not used (a finalize that changed nothing).
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-@dataclass(frozen=True)
-class _Script:
-    """A Lua script and its SHA1, sent with EVALSHA and loaded again on NOSCRIPT."""
-
-    text: str
-    sha: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        import hashlib
-
-        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
-
-
-_KILL, _WRITE_THROUGH, _FILL, _RELEASE = (_Script(s) for s in (KILL, WRITE_THROUGH, FILL, RELEASE))
-
-
-class RunWatch:
-    """Checks Redis's run id on every new connection, before it serves a command (redis-py's redis_connect_func).
-
-    A new run id means Redis restarted or failed over, perhaps from a snapshot holding entries and leases
-    that kills had removed since: the namespaces of every tier on this client are dropped first, and a
-    flush announced, so nothing from the old run is served. A failed flush fails the connection; the next
-    one tries again. Other new connections wait for it (one lock), old ones died with the old run.
-    """
-
-    _RUN_ID = re.compile(rb"run_id:([0-9a-fA-F]+)")
-
-    def __init__(self) -> None:
-        self.run_id: bytes | None = None
-        self.namespaces: set[str] = set()
-        self.channels: set[str] = set()
-        self.restarts = 0
-        self._lock = threading.Lock()
-
-    def watch(self, namespace: str, channel: str) -> None:
-        """A tier on this client: its keys are dropped, and its listeners told, after a restart."""
-        self.namespaces.add(namespace)
-        if channel:
-            self.channels.add(channel)
-
-    def __call__(self, conn: Any) -> None:
-        conn.on_connect()
-        conn.send_command("INFO", "server")
-        info = conn.read_response()
-        found = self._RUN_ID.search(info.encode() if isinstance(info, str) else info)
-        if found is None:  # INFO renamed away or without a run id: a restart cannot be told apart
-            return
-        run_id = found.group(1)
-        with self._lock:
-            if self.run_id is None or self.run_id == run_id:
-                self.run_id = run_id
-                return
-            self._flush(conn)
-            self.run_id = run_id
-            self.restarts += 1
-        logger.warning("redis tier: Redis restarted or failed over (new run id); namespaces %s dropped",
-                       sorted(self.namespaces))
-
-    def _flush(self, conn: Any) -> None:
-        """Two SCAN passes per namespace on this very connection (see flush_namespace), then announce."""
-        for namespace in self.namespaces:
-            for _ in range(2):
-                cursor: Any = b"0"
-                while True:
-                    conn.send_command("SCAN", cursor, "MATCH", namespace + ":*", "COUNT", 1000)
-                    cursor, keys = conn.read_response()
-                    if keys:
-                        conn.send_command("UNLINK", *keys)
-                        conn.read_response()
-                    if cursor in (b"0", "0", 0):
-                        break
-        for channel in self.channels:
-            conn.send_command("PUBLISH", channel, f"restart-{os.urandom(4).hex()}:1:*")
-            conn.read_response()
 
 
 @dataclass
@@ -205,6 +77,9 @@ class RedisStats:
     errors: int = 0
     skipped: int = 0
     pending_kills: int = 0
+    saturated: int = 0  # calls that found the local pool empty
+    refusals: int = 0  # times Redis was found refusing writes (or everything)
+    owed_overflows: int = 0  # times the owed kills passed max_owed (a namespace drop owed instead)
 
 
 class RedisTier:
@@ -221,31 +96,63 @@ class RedisTier:
         lease_ttl: float = 5.0,
         breaker: CircuitBreaker | None = None,
         announce: bool = True,
+        kill_wait: float = 1.0,
+        probe_interval: float = 0.5,
+        hold_down: float = 2.0,
+        max_owed: int = 10_000,
     ) -> None:
+        if isinstance(kill_wait, bool) or not isinstance(kill_wait, (int, float)) or not 0 <= kill_wait <= 60:
+            raise ConfigurationError(f"kill_wait: expected seconds in [0, 60], got {kill_wait!r}")
+        self._probe = WriteProbe(self, probe_interval, hold_down)
+        self._refusal = self._probe.watch  # read on the hit path
+        # Kills that could not reach Redis; applied before this process reads Redis again.
+        self._owed = OwedKills(self, 1)
+        self.max_owed = max_owed
+        self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
         self.keys = keys
         self.negative_ms = int(negative_ttl * 1000)
         self.no_expiry_ms = int(no_expiry_ttl * 1000)
         self.history_ms = int(history_ttl * 1000)
         self.lease_ms = int(lease_ttl * 1000)
+        self.kill_wait = kill_wait
         self.breaker = breaker or CircuitBreaker()
         self.stats = RedisStats()
         self.channel = keys.channel if announce else ""
         watch = client.connection_pool.connection_kwargs.get("redis_connect_func")
         if isinstance(watch, RunWatch):
             watch.watch(keys.namespace, self.channel)
-        # Announcements carry (publisher, sequence) so listeners can see a lost message as a gap. No lock:
-        # threads may deliver out of order, and the listener waits a short grace before calling a hole a gap.
+        self._new_identity()
+        _fork.register(self)
+
+    def _new_identity(self) -> None:
+        """Publisher id, announcement sequence and lease tokens: unique per process (a forked child takes new ones).
+
+        Announcements carry (publisher, sequence) so listeners can see a lost message as a gap. No lock:
+        threads may deliver out of order, and the listener waits a short grace before calling a hole a gap.
+        """
         self.publisher = os.urandom(6).hex()
         self._seq = itertools.count(1)
         self._tokens = itertools.count(1)
         self._token_prefix = self.publisher + "."
-        # Kills that could not reach Redis; applied before this process reads Redis again.
-        self._pending: dict[str, KeySet] = {}
-        self._pending_lock = threading.Lock()
-        self._drain_lock = threading.Lock()
-        self._drainer: threading.Thread | None = None
-        self._closed = threading.Event()
+
+    def _after_fork_in_child(self) -> None:
+        """Locks another thread held at fork time would stay locked; the drainer thread is gone. Owed kills stay."""
+        self._probe._after_fork_in_child()
+        self.breaker._after_fork_in_child()
+        self._owed._after_fork_in_child()
+        self._new_identity()  # the parent goes on leasing and announcing under its own
+
+    @property
+    def max_owed(self) -> int:
+        """How many owed kills are remembered key by key before one namespace drop is owed instead."""
+        return self._owed.limit
+
+    @max_owed.setter
+    def max_owed(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"max_owed: expected an int >= 1, got {value!r}")
+        self._owed.limit = value
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -253,10 +160,26 @@ class RedisTier:
         """A lease token unique across processes."""
         return self._token_prefix + str(next(self._tokens))
 
+    @property
+    def refusing(self) -> bool:
+        """Redis was found refusing writes (or everything) and has not yet accepted them for hold_down."""
+        return self._refusal.refusing
+
     def _usable(self) -> bool:
-        """Breaker allows a call and no earlier kill is still owed to Redis."""
-        if self._pending and not self.drain_pending(max_chunks=1):  # the drainer thread takes the rest
-            return False
+        """Redis is not held off as refusing, no earlier kill is still owed, and the breaker allows a call."""
+        if self._refusal.refusing:
+            if self._refusal.due(_monotonic()):
+                self.probe_writes()
+            if self._refusal.refusing:
+                self.stats.skipped += 1
+                return False
+        if self._pending:
+            if NAMESPACE in self._pending:  # a namespace drop is the drainer's work, not a reader's
+                self._owed.start()
+                return False
+            if not self._owed.drain(max_chunks=1):
+                self._owed.start()  # takes the rest (started again on demand after a fork)
+                return False
         if self.breaker.allow():
             return True
         self.stats.skipped += 1
@@ -267,50 +190,22 @@ class RedisTier:
         if self.breaker.failures or self.breaker.state is not CLOSED:
             self.breaker.success()
 
-    def _failed(self, exc: BaseException) -> None:
-        """Record a failure; only outages (not e.g. OOM answers) count toward the breaker."""
+    def _failed(self, exc: BaseException) -> Failure:
+        """Record a failure by what it means: only outages count toward the breaker; refusals hold Redis off."""
+        kind = classify(exc)
         self.stats.errors += 1
-        if isinstance(exc, _OUTAGE):
+        if kind.outage:
             self.breaker.failure()
-        logger.debug("redis tier: %s: %s", type(exc).__name__, exc)
+        elif kind is SATURATED:
+            self.stats.saturated += 1
+        if kind.refusing:
+            self._probe.refused(kind, exc)
+        logger.debug("redis tier: %s (%s): %s", type(exc).__name__, kind, exc)
+        return kind
 
-    def _evalsha(self, client: Any, script: _Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
-        """EVALSHA, loading the script once if Redis lost it (SCRIPT FLUSH, restart)."""
-        keys = tuple(keys)
-        try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            client.script_load(script.text)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-
-    def _run_pipeline(self, commands: list[tuple[_Script | str, tuple[Any, ...]]], *, strict: bool = False) -> list[Any]:
-        """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent.
-
-        strict: any error answer (READONLY, MISCONF, ...) raises, so a kill is confirmed only by a real answer.
-        """
-        results = self._send(commands)
-        lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if lost:
-            for script in {commands[i][0] for i in lost if isinstance(commands[i][0], _Script)}:
-                self.client.script_load(script.text)  # type: ignore[union-attr]
-            again = self._send([commands[i] for i in lost])
-            for i, r in zip(lost, again):
-                results[i] = r
-        for r in results:
-            if isinstance(r, _OUTAGE) or (strict and isinstance(r, Exception)):
-                raise r
-        return results
-
-    def _send(self, commands: list[tuple[_Script | str, tuple[Any, ...]]]) -> list[Any]:
-        """One pipeline, no MULTI (every command is atomic by itself), errors returned in place."""
-        pipe = self.client.pipeline(transaction=False)
-        for command, args in commands:
-            if isinstance(command, _Script):
-                keys, argv = args
-                pipe.evalsha(command.sha, len(keys), *keys, *argv)
-            else:
-                pipe.execute_command(command, *args)
-        return pipe.execute(raise_on_error=False)
+    def probe_writes(self) -> bool:
+        """DEL the namespace's probe key now: True if Redis accepted the write."""
+        return self._probe.send()
 
     def _message(self, entry_key: str) -> str:
         """An announcement: publisher, its sequence number, and the entry key that changed ('' for none)."""
@@ -320,18 +215,36 @@ class RedisTier:
 
     def get_raw(self, key: str) -> Any:
         """The encoded entry (a row, or NEGATIVE for a cached 'no row'), MISS, or DOWN."""
-        return self._get(self.client.get, key)
+        return self._get("GET", key)
 
     def get_history(self, ks: KeySet, limit: int) -> Any:
         """Cached history rows for this limit, encoded; MISS, or DOWN."""
-        return self._get(self.client.hget, ks.history, str(limit))
+        return self._get("HGET", ks.history, str(limit))
 
-    def _get(self, command: Any, *args: str) -> Any:
-        """One read command on the hit path: skipped while the breaker is open or kills are owed."""
-        if (self._pending or self.breaker.state is not CLOSED) and not self._usable():
+    def _probed(self, command: str, args: tuple[Any, ...]) -> Any:
+        """The read with the write probe in the same round trip (at most every probe_interval).
+
+        Raises the read's error, or the probe's if Redis refused it: then this read must not be trusted either.
+        """
+        if not self._refusal.due(_monotonic()):  # another thread just claimed the probe
+            return self.client.execute_command(command, *args)
+        raw, probe = send(self.client, [(command, args), ("DEL", (self.keys.probe,))])
+        if isinstance(probe, Exception) and classify(probe).refusing:
+            raise probe
+        if isinstance(raw, Exception):
+            raise raw
+        return raw
+
+    def _get(self, command: str, *args: str) -> Any:
+        """One read on the hit path: skipped while the breaker is open, kills are owed or Redis refuses writes."""
+        watch = self._refusal
+        if (self._pending or watch.refusing or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
-            raw = command(*args)
+            if _monotonic() < watch.probe_due:
+                raw = self.client.execute_command(command, *args)
+            else:
+                raw = self._probed(command, args)
         except RedisError as exc:
             self._failed(exc)
             return DOWN
@@ -344,10 +257,14 @@ class RedisTier:
 
     def get_raws(self, keys: list[str]) -> Any:
         """MGET of many entries: a list of encoded entry or MISS per key, or DOWN."""
-        if (self._pending or self.breaker.state is not CLOSED) and not self._usable():
+        watch = self._refusal
+        if (self._pending or watch.refusing or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
-            raws = self.client.mget(keys)
+            if _monotonic() < watch.probe_due:
+                raws = self.client.execute_command("MGET", *keys)
+            else:
+                raws = self._probed("MGET", tuple(keys))
         except RedisError as exc:
             self._failed(exc)
             return DOWN
@@ -361,6 +278,8 @@ class RedisTier:
 
     def lease(self, lease_key: str) -> str | None:
         """Take the fill lease of a missed key before reading PostgreSQL; None if someone holds it or Redis failed."""
+        if self._refusal.refusing:
+            return None
         token = self._token()
         try:
             taken = self.client.set(lease_key, token, nx=True, px=self.lease_ms)
@@ -372,10 +291,12 @@ class RedisTier:
 
     def leases(self, lease_keys: list[str]) -> list[str | None]:
         """lease() for many keys in one round trip."""
+        if self._refusal.refusing:
+            return [None] * len(lease_keys)
         tokens = [self._token() for _ in lease_keys]
         commands = [("SET", (k, t, "NX", "PX", self.lease_ms)) for k, t in zip(lease_keys, tokens)]
         try:
-            results = self._run_pipeline(commands)  # type: ignore[arg-type]
+            results = run_pipeline(self.client, commands)  # type: ignore[arg-type]
         except RedisError as exc:
             self._failed(exc)
             return [None] * len(lease_keys)
@@ -392,38 +313,38 @@ class RedisTier:
     def fill_entry(self, ks: KeySet, token: str, value: bytes, row: Row | None) -> None:
         """Store what PostgreSQL returned (`value` is `row` encoded), if the lease taken before reading it still stands."""
         mode, ms = self._ttl_args(row)
-        try:
-            done = self._evalsha(self.client, _FILL, (ks.entry, ks.lease), (token, value, mode, ms, ""))
-        except RedisError as exc:
-            self._failed(exc)
-            return
-        self._ok()
-        self._count_fill(done)
+        self._fill(ks.entry, ks.lease, (token, value, mode, ms, ""))
 
     def fill_entries(self, items: list[tuple[KeySet, str, bytes, Row | None]]) -> None:
         """fill_entry for many keys in one round trip."""
+        if self._refusal.refusing:
+            return
         commands = []
         for ks, token, value, row in items:
             mode, ms = self._ttl_args(row)
-            commands.append((_FILL, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
+            commands.append((FILL_SCRIPT, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
         try:
-            results = self._run_pipeline(commands)  # type: ignore[arg-type]
+            results = run_pipeline(self.client, commands)  # type: ignore[arg-type]
         except RedisError as exc:
             self._failed(exc)
             return
         self._ok()
         for done in results:
             if isinstance(done, RedisError):
-                self.stats.errors += 1
+                self._failed(done)
             else:
                 self._count_fill(done)
 
     def fill_history(self, ks: KeySet, token: str, limit: int, value: bytes) -> None:
         """Store a history answer (`value`, encoded) under its limit, if the history lease still stands."""
+        self._fill(ks.history, ks.history_lease, (token, value, "px", self.history_ms, str(limit)))
+
+    def _fill(self, target: str, lease_key: str, args: tuple[Any, ...]) -> None:
+        """One FILL script; skipped while Redis refuses writes (it would be refused too)."""
+        if self._refusal.refusing:
+            return
         try:
-            done = self._evalsha(
-                self.client, _FILL, (ks.history, ks.history_lease), (token, value, "px", self.history_ms, str(limit))
-            )
+            done = evalsha(self.client, FILL_SCRIPT, (target, lease_key), args)
         except RedisError as exc:
             self._failed(exc)
             return
@@ -441,8 +362,9 @@ class RedisTier:
     def lease_for_write(self, ks: KeySet) -> Any:
         """A writer's lease, taken before its commit (overwriting readers').
 
-        None if the breaker skipped Redis, DOWN if the call just failed, CONTENDED if it displaced another
-        writer's lease: two writers in flight on one key cannot know which commits last, so neither stores.
+        None if Redis was skipped or answered an error (the kill is still tried after the commit), DOWN if
+        it did not answer (the kill is owed at once), CONTENDED if it displaced another writer's lease: two
+        writers in flight on one key cannot know which commits last, so neither stores.
         """
         if not self._usable():
             return None
@@ -450,8 +372,7 @@ class RedisTier:
         try:
             displaced = self.client.set(ks.lease, token, px=self.lease_ms, get=True)
         except RedisError as exc:
-            self._failed(exc)
-            return DOWN
+            return DOWN if self._failed(exc) is OUTAGE else None
         self._ok()
         return CONTENDED if displaced is not None and displaced[:1] == b"w" else token
 
@@ -460,7 +381,8 @@ class RedisTier:
         if not keysets or not self._usable():
             return
         try:
-            self._run_pipeline([("SET", (ks.lease, "w" + self._token(), "PX", self.lease_ms)) for ks in keysets])
+            commands = [("SET", (ks.lease, "w" + self._token(), "PX", self.lease_ms)) for ks in keysets]
+            run_pipeline(self.client, commands)  # type: ignore[arg-type]
         except RedisError as exc:
             self._failed(exc)
             return
@@ -469,10 +391,10 @@ class RedisTier:
     def write_through(self, ks: KeySet, token: Any, latest: Row | None, txid: str | None = None) -> None:
         """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
 
-        If the breaker skipped the lease (None) or another writer holds the key (CONTENDED), the kill is
-        still tried once: Redis may answer now, and another process may hold a lease taken before our
-        commit that only our kill can refuse. If the lease call itself just failed (DOWN), the kill is
-        owed at once (the drainer retries within milliseconds) so a write pays at most one redis_timeout.
+        If the lease was skipped or answered an error (None) or another writer holds the key (CONTENDED),
+        the kill is still tried: Redis may answer now, and another process may hold a lease taken before
+        our commit that only our kill can refuse. If Redis did not answer (DOWN), the kill is owed at once
+        (the drainer retries within milliseconds) so a write pays at most one redis_timeout.
         """
         if token is DOWN:
             return self._owe_kill(ks)
@@ -481,32 +403,42 @@ class RedisTier:
         mode, ms = self._ttl_args(latest)
         value = encode_entry(latest)
         try:
-            self._evalsha(
-                self.client, _WRITE_THROUGH, ks.all,
-                (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""),
-            )
+            evalsha(self.client, WRITE_THROUGH_SCRIPT, ks.all,
+                    (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""))
         except RedisError as exc:
-            if not isinstance(exc, _OUTAGE):  # e.g. OOM refused the SET: a plain kill still works
-                return self.kill([ks])
-            self._failed(exc)
-            return self._owe_kill(ks)
+            kind = self._failed(exc)
+            if kind is OUTAGE or kind is WRITES_REFUSED:  # a kill now would fail the same way
+                return self._owe_kill(ks)
+            return self.kill([ks])  # OOM, BUSY, a full pool, another answer: a plain kill, retried if it can land
         self._ok()
         self.stats.writes_through += 1
 
     def kill(self, keysets: Iterable[KeySet], *, history_only: bool = False) -> None:
         """After a commit: drop every entry (or only the history) and lease of these keys; owed if Redis fails.
 
-        Tried once even while the breaker is open (one redis_timeout at most): a kill skipped here
-        could let another process fill the old state under a lease taken before the commit.
+        Tried even while the breaker is open (one redis_timeout at most): a kill skipped here could let
+        another process fill the old state under a lease taken before the commit. While Redis answers BUSY
+        or LOADING, or the local pool is empty, it is tried again every 5 ms for up to kill_wait.
         """
         keysets = list(keysets)
         if not keysets:
             return
-        try:
-            self.kill_or_raise(keysets, history_only=history_only)
-        except RedisError:
-            for ks in keysets:
-                self._owe_kill(ks)
+        deadline = None
+        while True:
+            try:
+                self.kill_or_raise(keysets, history_only=history_only)
+                return
+            except RedisError as exc:
+                kind = classify(exc)
+            if not kind.retry_kill:
+                break
+            now = _monotonic()
+            deadline = now + self.kill_wait if deadline is None else deadline
+            if now >= deadline:
+                break
+            time.sleep(_RETRY_EVERY if kind is BUSY else _RETRY_EVERY / 5)  # a full pool already waited its timeout
+        for ks in keysets:
+            self._owe_kill(ks)
 
     def kill_or_raise(
         self, keysets: list[KeySet], *, history_only: bool = False, txids: list[str] | None = None
@@ -520,9 +452,9 @@ class RedisTier:
         for i, ks in enumerate(keysets):
             message = self._message(ks.entry)
             noop = message[: len(message) - len(ks.entry)]
-            commands.append((_KILL, (ks.all, (self.channel, message, scope, txids[i] if txids else "", noop))))
+            commands.append((KILL_SCRIPT, (ks.all, (self.channel, message, scope, txids[i] if txids else "", noop))))
         try:
-            results = self._run_pipeline(commands, strict=True)  # type: ignore[arg-type]
+            results = run_pipeline(self.client, commands, strict=True)  # type: ignore[arg-type]
             if any(r not in (0, 1) for r in results):
                 raise RedisError(f"unexpected answer to a kill: {results!r}")
         except RedisError as exc:
@@ -533,26 +465,15 @@ class RedisTier:
         return results
 
     def flush_namespace(self) -> int:
-        """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure.
-
-        Two passes: a lease the first pass missed was consumed during it, so its entry exists for the second.
-        """
-        deleted = 0
+        """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure."""
         try:
-            for _ in range(2):
-                batch: list[bytes] = []
-                for key in self.client.scan_iter(match=self.keys.namespace + ":*", count=1000):
-                    batch.append(key)
-                    if len(batch) >= 1000:
-                        deleted += self.client.unlink(*batch)
-                        batch.clear()
-                if batch:
-                    deleted += self.client.unlink(*batch)
+            deleted = drop_namespace(self.client.execute_command, self.keys.namespace)
             if self.channel:
                 self.client.publish(self.channel, self._message("*"))
         except RedisError as exc:
             self._failed(exc)
             raise
+        self._ok()
         return deleted
 
     def release(self, ks: KeySet, token: Any) -> None:
@@ -560,7 +481,7 @@ class RedisTier:
         if token is None or token is DOWN or token is CONTENDED:
             return
         try:
-            self._evalsha(self.client, _RELEASE, (ks.lease,), (token,))
+            evalsha(self.client, RELEASE_SCRIPT, (ks.lease,), (token,))
         except RedisError as exc:
             self._failed(exc)
             return
@@ -570,64 +491,17 @@ class RedisTier:
 
     def _owe_kill(self, ks: KeySet) -> None:
         """Remember a kill Redis did not get; this process reads Redis again only after it lands."""
-        with self._pending_lock:
-            self._pending[ks.entry] = ks
-            self.stats.pending_kills = len(self._pending)
-        self._start_drainer()
+        self._owed.owe(ks)
 
     def drain_pending(self, max_chunks: int | None = None) -> bool:
-        """Apply owed kills, one drainer at a time, in chunks; True when none is left.
-
-        A kill leaves the owed set only after Redis confirmed it. A caller that finds another drain
-        under way does not wait for it: it answers False (this process keeps off Redis meanwhile).
-        """
-        if not self._drain_lock.acquire(blocking=False):
-            return not self._pending
-        try:
-            chunks = 0
-            while max_chunks is None or chunks < max_chunks:
-                chunks += 1
-                with self._pending_lock:
-                    owed = list(self._pending.values())[:_DRAIN_CHUNK]
-                if not owed:
-                    return True
-                if not self.breaker.allow():
-                    return False
-                try:
-                    self.kill_or_raise(owed)
-                except RedisError:
-                    return False
-                with self._pending_lock:
-                    for ks in owed:
-                        if self._pending.get(ks.entry) is ks:
-                            del self._pending[ks.entry]
-                    self.stats.pending_kills = len(self._pending)
-            return not self._pending
-        finally:
-            self._drain_lock.release()
-
-    def _start_drainer(self) -> None:
-        """One background thread retries owed kills, so other processes stop seeing them soon too."""
-        with self._pending_lock:
-            if self._drainer is not None and self._drainer.is_alive():
-                return
-            self._drainer = threading.Thread(target=self._drain_loop, name="tiered_cache-kills", daemon=True)
-            self._drainer.start()
-
-    def _drain_loop(self) -> None:
-        delay = 0.02
-        while not self._closed.is_set():
-            if self.drain_pending():
-                return
-            self._closed.wait(delay)
-            delay = min(delay * 2, 1.0)
+        """Apply owed kills (or the namespace drop owed past max_owed); True when none is left."""
+        return self._owed.drain(max_chunks)
 
     @property
     def pending(self) -> int:
         """How many kills are owed to Redis."""
-        return len(self._pending)
+        return len(self._owed)
 
     def close(self) -> None:
         """Stop the background drainer (owed kills are tried once more first)."""
-        self.drain_pending()
-        self._closed.set()
+        self._owed.close()
