@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -116,3 +117,60 @@ def cache(dsn: str, redis_url: str) -> Iterator[TieredCache]:
     """A TieredCache over the emptied database and the flushed redis-server."""
     with TieredCache.connect(dsn, redis_url) as c:
         yield c
+
+
+# -- one test source, both APIs ---------------------------------------------------------------------
+# `api` parametrizes a test over the sync classes and the async ones (behind tests/_apis.Blocking, run on
+# a real event loop in a thread). Tests take `make_cache` / `make_store` instead of calling connect().
+
+API_NAMES = ("sync", "async")
+
+
+@pytest.fixture(params=API_NAMES)
+def api(request: pytest.FixtureRequest) -> str:
+    """Which API the test drives: 'sync' (TieredCache, PostgresStore) or 'async' (their Async twins)."""
+    return request.param
+
+
+@pytest.fixture
+def make_store(api: str) -> Iterator[Callable[..., PostgresStore]]:
+    """Build a PostgresStore (or a blocking view of an AsyncPostgresStore); every one is closed after the test."""
+    made: list[Any] = []
+
+    def build(dsn: str, **options: Any) -> Any:
+        if api == "sync":
+            store = PostgresStore(dsn, **options)
+        else:
+            from _apis import blocking
+
+            from tiered_cache import AsyncPostgresStore
+
+            store = blocking(AsyncPostgresStore.connect)(dsn, **options)
+        made.append(store)
+        return store
+
+    yield build
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def make_cache(api: str) -> Iterator[Callable[..., TieredCache]]:
+    """TieredCache.connect (or AsyncTieredCache.connect behind a blocking view); every one is closed after."""
+    made: list[Any] = []
+
+    def build(dsn: str, redis_url: str, **options: Any) -> Any:
+        if api == "sync":
+            cache = TieredCache.connect(dsn, redis_url, **options)
+        else:
+            from _apis import blocking
+
+            from tiered_cache import AsyncTieredCache
+
+            cache = blocking(AsyncTieredCache.connect)(dsn, redis_url, **options)
+        made.append(cache)
+        return cache
+
+    yield build
+    for cache in made:
+        cache.close()

@@ -22,13 +22,6 @@ DST = ROOT / "tiered_cache" / "_sync"
 
 #: async name -> sync name, for NAME tokens and whole words in strings and comments.
 NAMES = {
-    "AsyncTieredCache": "TieredCache",
-    "AsyncPostgresStore": "PostgresStore",
-    "AsyncRedisTier": "RedisTier",
-    "AsyncRunWatch": "RunWatch",
-    "AsyncConnectionPool": "ConnectionPool",
-    "AsyncConnection": "Connection",
-    "AsyncCursor": "Cursor",
     "AsyncIterator": "Iterator",
     "AsyncIterable": "Iterable",
     "AsyncGenerator": "Generator",
@@ -41,7 +34,7 @@ NAMES = {
     "aclose": "close",
     "aioredis": "redis",
     "_async": "_sync",
-        "async_redis_client": "redis_client",
+    "async_redis_client": "redis_client",
     "aconnect": "connect",
     # tiered_cache/_acompat.py: the primitives that differ
     "asleep": "sleep",
@@ -58,12 +51,20 @@ LINES = {
 
 HEADER = "# Generated from {src} by tools/async_to_sync.py: do not edit; edit the source and run it again.\n"
 
+_ASYNC_CLASS = re.compile(r"\bAsync(?=[A-Z])")
+
+
+def rename(name: str) -> str:
+    """The sync name: the map first, else an `AsyncX` class becomes `X` (AsyncConnectionPool, AsyncRedisTier)."""
+    return NAMES.get(name) or _ASYNC_CLASS.sub("", name)
+
+
 _WORDS = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(NAMES, key=len, reverse=True)) + r")\b")
 
 
 def _words(text: str) -> str:
     """Rename whole words inside a string or comment (docstrings name the sync classes in the twin)."""
-    return _WORDS.sub(lambda m: NAMES[m.group(1)], text)
+    return _ASYNC_CLASS.sub("", _WORDS.sub(lambda m: NAMES[m.group(1)], text))
 
 
 def unasync(source: str) -> str:
@@ -99,7 +100,7 @@ def unasync(source: str) -> str:
             out.append(text)
             skip_space = True
         elif tok.type == tokenize.NAME:
-            out.append(text + NAMES.get(tok.string, tok.string))
+            out.append(text + rename(tok.string))
         elif tok.type in (tokenize.STRING, tokenize.COMMENT):
             out.append(text + _words(tok.string))
         else:

@@ -1,0 +1,109 @@
+"""One test source for both APIs: a blocking view of the async objects, driven on a loop in its own thread.
+
+A test written against the sync API gets `TieredCache`/`PostgresStore` or, parametrized, the async ones
+behind `Blocking`: every coroutine a call returns is run to completion on the session's event loop thread,
+and objects of the async package (or of redis.asyncio) come back wrapped too. The async code runs on a real
+event loop, as a FastAPI app runs it; only the test's own thread blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+_WRAPPED_MODULES = ("tiered_cache._async", "redis.asyncio", "psycopg_pool.pool_async")
+
+
+class LoopThread:
+    """An event loop running forever in a daemon thread; run() blocks the caller until a coroutine is done."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-event-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+_loop: LoopThread | None = None
+_loop_guard = threading.Lock()
+
+
+def loop_thread() -> LoopThread:
+    """The process's test loop (made on first use; a forked child makes its own)."""
+    global _loop
+    with _loop_guard:
+        if _loop is None or not _loop._thread.is_alive():
+            _loop = LoopThread()
+        return _loop
+
+
+def _wants_wrapping(value: Any) -> bool:
+    module = type(value).__module__ or ""
+    return module.startswith(_WRAPPED_MODULES)
+
+
+def _unwrap(value: Any) -> Any:
+    return value._target if isinstance(value, Blocking) else value
+
+
+class Blocking:
+    """A sync view of an async object: calls that return awaitables are awaited on the loop thread."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if callable(value) and not isinstance(value, type):
+            return _blocking_call(value)
+        return Blocking(value) if _wants_wrapping(value) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, _unwrap(value))
+
+    def __enter__(self) -> Blocking:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Blocking({self._target!r})"
+
+    def __len__(self) -> int:
+        return len(self._target)
+
+
+def _blocking_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(_unwrap(a) for a in args)
+        kwargs = {k: _unwrap(v) for k, v in kwargs.items()}
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__func__", None)):
+            result = loop_thread().run(fn(*args, **kwargs))
+        else:
+            # Plain methods may still need the loop (redis.asyncio builds pipelines, pools bind to it):
+            # call on the loop thread, then await whatever came back.
+            async def on_loop() -> Any:
+                out = fn(*args, **kwargs)
+                return (await out) if inspect.isawaitable(out) else out
+
+            result = loop_thread().run(on_loop())
+        return Blocking(result) if _wants_wrapping(result) else result
+
+    return call
+
+
+def blocking(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync constructor for an async class or async classmethod: built on the loop, handed back wrapped."""
+    return _blocking_call(factory)
