@@ -344,8 +344,8 @@ class AsyncPostgresStore:
         """Close the pool; every later call raises Closed before any I/O. Idempotent."""
         await self._db.close()
 
-    def __enter__(self) -> PostgresStore:
+    async def __aenter__(self) -> AsyncPostgresStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
