@@ -252,12 +252,13 @@ def test_validation_refuses_an_aware_datetime_the_zone_cannot_render() -> None:
         assert info.value.field == "expires_at"
 
 
-def test_the_hot_read_path_keeps_psycopgs_own_loader(dsn: str, figure: Any) -> None:
+def test_the_hot_read_path_keeps_psycopgs_own_loader(dsn: str, figure: Any, request: pytest.FixtureRequest) -> None:
     """Pooled sessions load timestamptz with psycopg's loader (C when installed); the safe one's cost, measured.
 
     Sync only: the async pool's sessions are set up by the same code (_configure), generated from one source.
     """
     store = PostgresStore(dsn)
+    request.addfinalizer(store.close)
     from psycopg.pq import Format
 
     from tiered_cache.tiers import _sql
@@ -283,4 +284,3 @@ def test_the_hot_read_path_keeps_psycopgs_own_loader(dsn: str, figure: Any) -> N
     figure(f"get_many of 1000 rows (2000 timestamps), median of 30: psycopg's {default.__module__} loader "
            f"{med['psycopg']:.2f} ms, safe loader {med['safe']:.2f} ms "
            f"({(med['safe'] - med['psycopg']) / 2000 * 1e6:+.0f} ns per value); reads keep psycopg's")
-    store.close()

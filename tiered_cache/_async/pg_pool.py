@@ -45,7 +45,7 @@ from ..tiers._store_shared import (
     session_options,
 )
 
-logger = logging.getLogger("tiered_cache.tiers._pg_pool")
+logger = logging.getLogger("tiered_cache.tiers._pg_pool")  # the name it has always logged under
 
 
 class AsyncConnections:

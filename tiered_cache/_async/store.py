@@ -17,7 +17,7 @@ from ..tiers import _sql
 from ..tiers._store_shared import ABeforeCommit, Key, Rows, SweepReport, WriteOutcome
 from .pg_pool import AsyncConnections
 
-logger = logging.getLogger("tiered_cache.tiers.postgres")
+logger = logging.getLogger("tiered_cache.tiers.postgres")  # the name it has always logged under
 
 
 class AsyncPostgresStore:

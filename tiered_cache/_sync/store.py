@@ -18,7 +18,7 @@ from ..tiers import _sql
 from ..tiers._store_shared import BeforeCommit, Key, Rows, SweepReport, WriteOutcome
 from .pg_pool import Connections
 
-logger = logging.getLogger("tiered_cache.tiers.postgres")
+logger = logging.getLogger("tiered_cache.tiers.postgres")  # the name it has always logged under
 
 
 class PostgresStore:

@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigurationError, StoreUnavailable
 
-logger = logging.getLogger("tiered_cache.tiers._pg_pool")
+logger = logging.getLogger("tiered_cache.tiers._pg_pool")  # the name it has always logged under
 
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]
