@@ -25,6 +25,12 @@ FUTURE = datetime(2999, 1, 1, tzinfo=UTC)
 FIXED_NOW = datetime(2031, 5, 17, 2, 0, 0, tzinfo=UTC)  # 10:00 in Shanghai
 
 
+@pytest.fixture
+def store(make_store: Any, dsn: str) -> PostgresStore:
+    """A PostgresStore, or (api='async') a blocking view of an AsyncPostgresStore, on the emptied database."""
+    return make_store(dsn)
+
+
 def fixed(now: datetime):  # type: ignore[no-untyped-def]
     """A clock that always says `now`."""
     return lambda: now
@@ -235,19 +241,20 @@ def test_get_history_is_any_status_newest_first_with_limit(store: PostgresStore,
     assert [h["id"] for h in store.get_history("app3_clue", 1, "t", limit=1)] == newest_first[:1]
 
 
-def test_get_many_is_one_query(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_get_many_is_one_query(store: PostgresStore, api: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """get_many of 50 targets sends exactly one statement to PostgreSQL."""
     for i in range(50):
         store.write_cache("app3_clue", 1, f"t{i}", {"i": i})
     store.get_many("app3_clue", 1, ["t0"])  # warm: the pool's first connection is not the point here
     statements: list[str] = []
-    real_execute = psycopg.Connection.execute
+    cls: Any = psycopg.Connection if api == "sync" else psycopg.AsyncConnection
+    real_execute = cls.execute
 
     def counting_execute(self, query, params=None, **kw):  # type: ignore[no-untyped-def]
         statements.append(str(query))
-        return real_execute(self, query, params, **kw)
+        return real_execute(self, query, params, **kw)  # the async one returns its coroutine
 
-    monkeypatch.setattr(psycopg.Connection, "execute", counting_execute)
+    monkeypatch.setattr(cls, "execute", counting_execute)
     got = store.get_many("app3_clue", 1, [f"t{i}" for i in range(50)])
     monkeypatch.undo()
     assert len(statements) == 1, statements
@@ -344,10 +351,10 @@ def test_finalize_of_a_row_that_was_never_generating_is_a_noop(store: PostgresSt
         ("app99_unknown", None),
     ],
 )
-def test_finalize_without_cache_type_uses_the_rows_own_type(dsn: str, cache_type: str,
+def test_finalize_without_cache_type_uses_the_rows_own_type(make_store: Any, dsn: str, cache_type: str,
                                                              expected: datetime | None) -> None:
     """finalize_cache(id, result) with no cache_type gives the row the expiry of its own type."""
-    with PostgresStore(dsn, clock=fixed(FIXED_NOW)) as s:
+    with make_store(dsn, clock=fixed(FIXED_NOW)) as s:
         gid = s.set_generating(cache_type, 1, "t")
         assert s.finalize_cache(gid, {"done": True}) is True
         got = s.get_latest(cache_type, 1, "t")
@@ -359,9 +366,9 @@ def test_finalize_without_cache_type_uses_the_rows_own_type(dsn: str, cache_type
         assert got["expires_at"].endswith("+08:00")
 
 
-def test_finalize_with_matching_cache_type_works(dsn: str) -> None:
+def test_finalize_with_matching_cache_type_works(make_store: Any, dsn: str) -> None:
     """Passing the row's own cache_type is accepted and gives the same expiry."""
-    with PostgresStore(dsn, clock=fixed(FIXED_NOW)) as s:
+    with make_store(dsn, clock=fixed(FIXED_NOW)) as s:
         gid = s.set_generating("app6_note_analysis", 1, "t")
         assert s.finalize_cache(gid, {"ok": 1}, cache_type="app6_note_analysis") is True
         assert iso(s.get_latest("app6_note_analysis", 1, "t")["expires_at"]) == FIXED_NOW + timedelta(days=30)  # type: ignore[index]
@@ -445,9 +452,9 @@ def test_sweep_marks_expired_rows_expired(store: PostgresStore, dsn: str) -> Non
     assert store.sweep().expired == 0
 
 
-def test_sweep_reclaims_only_stale_generating_rows(dsn: str) -> None:
+def test_sweep_reclaims_only_stale_generating_rows(make_store: Any, dsn: str) -> None:
     """A 'generating' row older than generating_timeout becomes 'expired'; a fresh one stays 'generating'."""
-    with PostgresStore(dsn, generating_timeout=timedelta(minutes=1)) as s:
+    with make_store(dsn, generating_timeout=timedelta(minutes=1)) as s:
         stale = s.set_generating("app3_clue", 1, "t")
         fresh = s.set_generating("app3_clue", 1, "u")
         q(dsn, "UPDATE biz.ai_cache SET created_at = now() - interval '2 minutes' WHERE id = %s", (stale,))
@@ -462,9 +469,9 @@ def test_sweep_reclaims_only_stale_generating_rows(dsn: str) -> None:
 # ============================================================================ retention
 
 
-def test_retention_keeps_the_newest_n_per_type_and_site_only_in_sweep(dsn: str) -> None:
+def test_retention_keeps_the_newest_n_per_type_and_site_only_in_sweep(make_store: Any, dsn: str) -> None:
     """With retention=N, writes never delete; sweep keeps the newest N rows of the (type, site) group."""
-    with PostgresStore(dsn, retention=3) as s:
+    with make_store(dsn, retention=3) as s:
         made = [s.write_cache("app3_clue", 1, "t", {"i": i}) for i in range(8)]
         assert count(dsn) == 8  # nothing deleted on write
         report = s.sweep()
@@ -474,9 +481,9 @@ def test_retention_keeps_the_newest_n_per_type_and_site_only_in_sweep(dsn: str) 
         assert s.sweep().deleted == 0
 
 
-def test_retention_leaves_other_sites_and_types_alone(dsn: str) -> None:
+def test_retention_leaves_other_sites_and_types_alone(make_store: Any, dsn: str) -> None:
     """Trimming (app3_clue, 1) counts only that group: older rows of site 2 and of another type survive."""
-    with PostgresStore(dsn, retention=3) as s:
+    with make_store(dsn, retention=3) as s:
         other_site = [s.write_cache("app3_clue", 2, "x", {"i": i}) for i in range(3)]
         other_type = [s.write_cache("app4_analysis", 1, "x", {"i": i}) for i in range(3)]
         mine = [s.write_cache("app3_clue", 1, "x", {"i": i}) for i in range(6)]
@@ -484,9 +491,9 @@ def test_retention_leaves_other_sites_and_types_alone(dsn: str) -> None:
         assert ids(dsn) == set(other_site) | set(other_type) | set(mine[-3:])
 
 
-def test_retention_never_deletes_the_row_get_latest_serves(dsn: str) -> None:
+def test_retention_never_deletes_the_row_get_latest_serves(make_store: Any, dsn: str) -> None:
     """An old key's served row survives retention even beyond N; its superseded and unservable rows do not."""
-    with PostgresStore(dsn, retention=2) as s:
+    with make_store(dsn, retention=2) as s:
         old_only = s.write_cache("app3_clue", 1, "old", {"v": "old"})
         served = s.write_cache("app3_clue", 1, "old2", {"v": "served"})
         expired_newer = s.write_cache("app3_clue", 1, "old2", {"v": "x"}, expires_at=PAST)
@@ -502,9 +509,9 @@ def test_retention_never_deletes_the_row_get_latest_serves(dsn: str) -> None:
         assert {t: s.get_latest("app3_clue", 1, t) for t in ("old", "old2")} == before
 
 
-def test_retention_keeps_live_generating_rows_on_top_of_n(dsn: str) -> None:
+def test_retention_keeps_live_generating_rows_on_top_of_n(make_store: Any, dsn: str) -> None:
     """A live 'generating' placeholder beyond the newest N is kept; a stale one is reclaimed and deleted."""
-    with PostgresStore(dsn, retention=2, generating_timeout=timedelta(minutes=1)) as s:
+    with make_store(dsn, retention=2, generating_timeout=timedelta(minutes=1)) as s:
         live = s.set_generating("app3_clue", 1, "t")
         stale = s.set_generating("app3_clue", 1, "u")
         q(dsn, "UPDATE biz.ai_cache SET created_at = now() - interval '2 minutes' WHERE id = %s", (stale,))
@@ -517,9 +524,9 @@ def test_retention_keeps_live_generating_rows_on_top_of_n(dsn: str) -> None:
         assert not set(superseded) & ids(dsn)
 
 
-def test_retention_counts_legacy_null_status_rows(dsn: str) -> None:
+def test_retention_counts_legacy_null_status_rows(make_store: Any, dsn: str) -> None:
     """Legacy rows (status NULL) beyond the newest N are trimmed like valid ones, however recent they are."""
-    with PostgresStore(dsn, retention=2) as s:
+    with make_store(dsn, retention=2) as s:
         legacy = [insert(dsn, status=None, result_json=f'{{"i": {i}}}') for i in range(5)]
         s.sweep()
         assert ids(dsn) == set(legacy[-2:])
@@ -529,10 +536,10 @@ def test_retention_counts_legacy_null_status_rows(dsn: str) -> None:
 # ============================================================================ defects 1-7 of the old service
 
 
-def test_defect_1_reads_reuse_pooled_connections(dsn: str) -> None:
+def test_defect_1_reads_reuse_pooled_connections(make_store: Any, dsn: str) -> None:
     """200 reads open at most max_size connections (the old code opened one per call)."""
     started = q(dsn, "SELECT now()")[0][0]
-    with PostgresStore(dsn, min_size=1, max_size=2) as s:
+    with make_store(dsn, min_size=1, max_size=2) as s:
         s.write_cache("app3_clue", 1, "t", {"v": 1})
         backends: set[int] = set()
         for i in range(200):
@@ -548,9 +555,9 @@ def test_defect_1_reads_reuse_pooled_connections(dsn: str) -> None:
         assert 1 <= len(backends) <= 2, backends
 
 
-def test_defect_2_retention_is_per_app_and_site_not_per_target(dsn: str) -> None:
+def test_defect_2_retention_is_per_app_and_site_not_per_target(make_store: Any, dsn: str) -> None:
     """Retention N counts the whole (type, site), across targets, and runs in sweep, not after each write."""
-    with PostgresStore(dsn, retention=5) as s:
+    with make_store(dsn, retention=5) as s:
         targets = "abcde"
         first = {t: s.write_cache("app3_clue", 1, t, {"gen": 1}) for t in targets}
         second = {t: s.write_cache("app3_clue", 1, t, {"gen": 2}) for t in targets}
@@ -562,9 +569,9 @@ def test_defect_2_retention_is_per_app_and_site_not_per_target(dsn: str) -> None
         assert all(s.get_latest("app3_clue", 1, t)["result_json"] == {"gen": 2} for t in targets)  # type: ignore[index]
 
 
-def test_defect_3_finalize_without_type_still_expires_and_noop_is_reported(dsn: str) -> None:
+def test_defect_3_finalize_without_type_still_expires_and_noop_is_reported(make_store: Any, dsn: str) -> None:
     """finalize_cache without cache_type stores the row type's expiry (not NULL); a repeat says False."""
-    with PostgresStore(dsn, clock=fixed(FIXED_NOW)) as s:
+    with make_store(dsn, clock=fixed(FIXED_NOW)) as s:
         gid = s.set_generating("app4_analysis", 1, "t")
         assert s.finalize_cache(gid, {"v": 1}) is True
         expires = q(dsn, "SELECT expires_at FROM biz.ai_cache WHERE id = %s", (gid,))[0][0]
@@ -573,14 +580,14 @@ def test_defect_3_finalize_without_type_still_expires_and_noop_is_reported(dsn: 
         assert s.finalize_cache(gid, {"v": 2}) is False
 
 
-def test_defect_4_end_of_day_just_before_midnight_is_in_the_future(dsn: str) -> None:
+def test_defect_4_end_of_day_just_before_midnight_is_in_the_future(make_store: Any, dsn: str) -> None:
     """app2_finance written at 23:59:59.999 Shanghai expires at the next midnight, so the row is served."""
     day = datetime.now(SHANGHAI).date() + timedelta(days=1)
     now = datetime(day.year, day.month, day.day, 23, 59, 59, 999000, tzinfo=SHANGHAI)
     old_service_value = (now.astimezone(UTC) + timedelta(hours=8)).replace(hour=23, minute=59, second=59,
                                                                             microsecond=0) - timedelta(hours=8)
     assert old_service_value.replace(tzinfo=UTC) < now  # what the old code computed: already past
-    with PostgresStore(dsn, clock=fixed(now.astimezone(UTC))) as s:
+    with make_store(dsn, clock=fixed(now.astimezone(UTC))) as s:
         s.write_cache("app2_finance", 1, "t", {"v": 1})
         got = s.get_latest("app2_finance", 1, "t")
     assert got is not None
@@ -598,9 +605,9 @@ def test_defect_5_invalidate_and_sweep_set_their_statuses(store: PostgresStore, 
     assert (status_of(dsn, a), status_of(dsn, b)) == ("invalidated", "expired")
 
 
-def test_defect_6_abandoned_generating_row_is_reclaimed(dsn: str) -> None:
+def test_defect_6_abandoned_generating_row_is_reclaimed(make_store: Any, dsn: str) -> None:
     """A 'generating' row whose worker died (older than generating_timeout) does not stay 'generating'."""
-    with PostgresStore(dsn, generating_timeout=timedelta(seconds=30)) as s:
+    with make_store(dsn, generating_timeout=timedelta(seconds=30)) as s:
         gid = s.set_generating("app3_clue", 1, "t")
         q(dsn, "UPDATE biz.ai_cache SET created_at = now() - interval '1 hour' WHERE id = %s", (gid,))
         assert s.sweep().reclaimed == 1
@@ -635,9 +642,9 @@ def test_defect_7_the_key_index_exists_and_get_latest_uses_it(dsn: str) -> None:
 
 
 @pytest.mark.fault
-def test_read_fails_fast_while_postgres_is_down_and_the_pool_recovers(pg_server: PostgresServer, dsn: str) -> None:
+def test_read_fails_fast_while_postgres_is_down_and_the_pool_recovers(make_store: Any, pg_server: PostgresServer, dsn: str) -> None:
     """With the server stopped a read raises StoreUnavailable within pool_timeout; after start the same store works."""
-    with PostgresStore(dsn, pool_timeout=1) as s:
+    with make_store(dsn, pool_timeout=1) as s:
         rid = s.write_cache("app3_clue", 1, "t", {"v": 1})
         assert s.get_latest("app3_clue", 1, "t")["id"] == rid  # type: ignore[index]
         try:
@@ -657,9 +664,9 @@ def test_read_fails_fast_while_postgres_is_down_and_the_pool_recovers(pg_server:
 
 
 @pytest.mark.fault
-def test_every_call_while_postgres_is_down_fails_within_pool_timeout(pg_server: PostgresServer, dsn: str) -> None:
+def test_every_call_while_postgres_is_down_fails_within_pool_timeout(make_store: Any, pg_server: PostgresServer, dsn: str) -> None:
     """Not only the first: each read and write during an outage raises StoreUnavailable within pool_timeout + 0.5s."""
-    with PostgresStore(dsn, pool_timeout=1) as s:
+    with make_store(dsn, pool_timeout=1) as s:
         s.write_cache("app3_clue", 1, "t", {"v": 1})
         slow = []
         try:
@@ -681,25 +688,36 @@ def test_every_call_while_postgres_is_down_fails_within_pool_timeout(pg_server: 
         assert not slow, f"pool_timeout=1 but: {slow}"
 
 
-def test_a_write_that_lost_a_deadlock_is_run_again() -> None:
+def test_a_write_that_lost_a_deadlock_is_run_again(store: PostgresStore, api: str, dsn: str) -> None:
     """A write PostgreSQL rolled back to break a deadlock (or a serialization race) is retried, at most 3 tries."""
-    from tiered_cache.tiers._pg_pool import _Conflict, retry_conflicts as _retry_conflicts
+    from tiered_cache.tiers._store_shared import _Conflict
 
-    tries: list[int] = []
+    db = getattr(store, "_target", store)._db  # the async store's own object, not its blocking view
+    real = db._write_once
+    tries: list[str] = []
 
-    def lose_twice() -> str:
-        tries.append(1)
-        if len(tries) < 3:
-            raise _Conflict("deadlock detected")
-        return "committed"
+    def losing(times: int) -> Any:
+        """_write_once, but the first `times` tries lose a deadlock (rolled back: nothing was written)."""
+        if api == "sync":
+            def once(op: str, work: Any) -> Any:
+                tries.append(op)
+                if len(tries) <= times:
+                    raise _Conflict("deadlock detected")
+                return real(op, work)
+            return once
 
-    assert _retry_conflicts(lose_twice) == "committed" and len(tries) == 3
+        async def aonce(op: str, work: Any) -> Any:
+            tries.append(op)
+            if len(tries) <= times:
+                raise _Conflict("deadlock detected")
+            return await real(op, work)
+        return aonce
+
+    db._write_once = losing(2)
+    rid = store.write_cache("app3_clue", 1, "t", {"v": 1})
+    assert len(tries) == 3 and ids(dsn) == {rid}
     tries.clear()
-
-    def always_lose() -> str:
-        tries.append(1)
-        raise _Conflict("deadlock detected")
-
+    db._write_once = losing(99)
     with pytest.raises(StoreUnavailable):
-        _retry_conflicts(always_lose)
-    assert len(tries) == 3
+        store.write_cache("app3_clue", 1, "t", {"v": 2})
+    assert len(tries) == 3 and ids(dsn) == {rid}

@@ -25,6 +25,12 @@ MIN_UTC = "0001-01-01T00:00:00+00:00"  # a '-infinity' (or too-early) timestamp,
 LAST_SHANGHAI_INSTANT = datetime(9999, 12, 31, 15, 59, 59, 999999, tzinfo=UTC)  # 23:59:59.999999 +08:00
 
 
+@pytest.fixture
+def store(make_store: Any, dsn: str) -> PostgresStore:
+    """A PostgresStore, or (api='async') a blocking view of an AsyncPostgresStore, on the emptied database."""
+    return make_store(dsn)
+
+
 def q(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
     """One autocommit statement with psycopg directly; rows if any."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -105,20 +111,21 @@ def test_a_row_past_year_9999_in_the_store_zone_is_read_as_its_instant_in_utc(st
 
 
 def test_a_normal_read_is_one_statement_and_an_out_of_range_one_is_read_again(
-    store: PostgresStore, dsn: str, monkeypatch: pytest.MonkeyPatch
+    store: PostgresStore, api: str, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The C loader stays on the hot path; only a result it cannot load is fetched again with the safe loader."""
     store.write_cache("app3_clue", 1, "ok", {"v": 1})
     etl_row(dsn, "inf", expires_at="'infinity'")
     store.get_latest("app3_clue", 1, "ok")  # warm the pool
     statements: list[str] = []
-    real = psycopg.Cursor.execute
+    cls: Any = psycopg.Cursor if api == "sync" else psycopg.AsyncCursor
+    real = cls.execute
 
     def counting(self, query, params=None, **kw):  # type: ignore[no-untyped-def]
         statements.append(str(query))
-        return real(self, query, params, **kw)
+        return real(self, query, params, **kw)  # the async one returns its coroutine
 
-    monkeypatch.setattr(psycopg.Cursor, "execute", counting)
+    monkeypatch.setattr(cls, "execute", counting)
     assert store.get_latest("app3_clue", 1, "ok") is not None
     assert len(statements) == 1
     statements.clear()
@@ -157,9 +164,9 @@ def test_an_expiry_the_store_zone_cannot_render_is_refused_before_io(store: Post
     assert store.get_latest("app3_clue", 1, "t")["expires_at"] == "9999-12-31T23:59:59.999999+08:00"  # type: ignore[index]
 
 
-def test_the_earliest_expiry_a_western_zone_cannot_render_is_refused(dsn: str) -> None:
+def test_the_earliest_expiry_a_western_zone_cannot_render_is_refused(make_store: Any, dsn: str) -> None:
     """In America/New_York, 0001-01-01 02:00 UTC falls in year 0: refused before I/O as well."""
-    with PostgresStore(dsn, policy=ExpiryPolicy(zone="America/New_York")) as s:
+    with make_store(dsn, policy=ExpiryPolicy(zone="America/New_York")) as s:
         with pytest.raises(InvalidInput) as info:
             s.write_cache("app3_clue", 1, "t", {"v": 1}, expires_at=datetime(1, 1, 1, 2, 0, tzinfo=UTC))
         assert info.value.field == "expires_at"
@@ -245,8 +252,13 @@ def test_validation_refuses_an_aware_datetime_the_zone_cannot_render() -> None:
         assert info.value.field == "expires_at"
 
 
-def test_the_hot_read_path_keeps_psycopgs_own_loader(store: PostgresStore, dsn: str, figure: Any) -> None:
-    """Pooled sessions load timestamptz with psycopg's loader (C when installed); the safe one's cost, measured."""
+def test_the_hot_read_path_keeps_psycopgs_own_loader(dsn: str, figure: Any, request: pytest.FixtureRequest) -> None:
+    """Pooled sessions load timestamptz with psycopg's loader (C when installed); the safe one's cost, measured.
+
+    Sync only: the async pool's sessions are set up by the same code (_configure), generated from one source.
+    """
+    store = PostgresStore(dsn)
+    request.addfinalizer(store.close)
     from psycopg.pq import Format
 
     from tiered_cache.tiers import _sql

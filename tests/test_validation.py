@@ -190,19 +190,23 @@ COERCED_RESULTS: list[tuple[str, object]] = [
 OFFLINE_DSN = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
 
 
-@pytest.fixture(scope="module")
-def offline_store() -> Iterator[PostgresStore]:
-    """A store closed before its pool ever opened: any I/O raises Closed at once."""
-    s = PostgresStore(OFFLINE_DSN, open=False, limits=LIMITS, policy=ExpiryPolicy(strict=True))
+@pytest.fixture(scope="module", params=["sync", "async"])
+def offline_store(request: pytest.FixtureRequest) -> Iterator[PostgresStore]:
+    """A store (or a blocking view of an async one) closed before its pool ever opened: any I/O raises Closed at once."""
+    from _apis import blocking
+
+    from tiered_cache import AsyncPostgresStore
+
+    build = PostgresStore if request.param == "sync" else blocking(AsyncPostgresStore)
+    s = build(OFFLINE_DSN, open=False, limits=LIMITS, policy=ExpiryPolicy(strict=True))
     s.close()
     yield s
 
 
 @pytest.fixture
-def live_store(dsn: str) -> Iterator[PostgresStore]:
+def live_store(make_store: Any, dsn: str) -> PostgresStore:
     """A working store with the same limits and policy, on the emptied database."""
-    with PostgresStore(dsn, limits=LIMITS, policy=ExpiryPolicy(strict=True)) as s:
-        yield s
+    return make_store(dsn, limits=LIMITS, policy=ExpiryPolicy(strict=True))
 
 
 SENTINEL_SQL = """

@@ -1,5 +1,6 @@
 """tiered_cache: a read-through cache for AI results, near cache -> Redis -> PostgreSQL."""
 
+from ._async.store import AsyncPostgresStore
 from .errors import (
     ConfigurationError,
     InvalidInput,
@@ -14,6 +15,7 @@ from .policy.validation import Limits
 from .tiers.postgres import PostgresStore, SweepReport
 
 __all__ = [
+    "AsyncPostgresStore",
     "DEFAULT_EXPIRY_DAYS",
     "ConfigurationError",
     "ExpiryPolicy",

@@ -16,6 +16,13 @@ from typing import Any
 
 sleep = time.sleep
 Event = threading.Event
+Lock = threading.Lock
+
+
+def open_pool(pool: Any) -> bool:
+    """Open a psycopg ConnectionPool now, without waiting for its connections; True: it is open."""
+    pool.open(wait=False)
+    return True
 
 
 class Worker:
@@ -42,6 +49,12 @@ def wait_event(event: threading.Event, timeout: float) -> bool:
 
 asleep = asyncio.sleep
 AEvent = asyncio.Event
+ALock = asyncio.Lock
+
+
+def aopen_pool(pool: Any) -> bool:
+    """False: an AsyncConnectionPool opens only by an await in a running loop, which a constructor cannot make."""
+    return False
 
 
 class AWorker:

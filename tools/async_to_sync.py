@@ -41,6 +41,11 @@ NAMES = {
     "AEvent": "Event",
     "AWorker": "Worker",
     "await_event": "wait_event",
+    "ALock": "Lock",
+    "aopen_pool": "open_pool",
+    # tiered_cache/tiers/_store_shared.py: callables the async store awaits
+    "AWork": "Work",
+    "ABeforeCommit": "BeforeCommit",
 }
 
 #: Whole import lines whose sync form is not a token-for-token rename.
