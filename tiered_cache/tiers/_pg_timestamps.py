@@ -14,7 +14,7 @@ Clamping keeps SQL's order, so the row Python picks as newest is the one ORDER B
 psycopg's C loaders are final classes whose C entry point the row loop calls directly, so a subclass
 cannot put a fallback in front of them; this loader wraps one and costs about 165 ns more per value.
 The read path therefore keeps psycopg's loader and fetches a result again with this one only when the
-first fetch raised (see _pg_pool); writes, whose statements cannot run twice, always use it.
+first fetch raised (see _async/pg_pool.py); writes, whose statements cannot run twice, always use it.
 """
 
 from __future__ import annotations
