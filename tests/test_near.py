@@ -717,6 +717,59 @@ def test_read_your_writes_when_a_concurrent_invalidation_got_there_first(dsn: st
         assert c.get_latest(CT, SITE, "race") is None
 
 
+# ================================================================== one near tier per process
+
+
+@pytest.mark.parametrize("writer", ["near", "without-near", "localhost-spelling"])
+def test_read_your_writes_across_cache_objects_in_one_process(dsn: str, redis_url: str, writer: str,
+                                                              figure: Callable[[str], None]) -> None:
+    """Two TieredCache objects in one process: B reads A's write the moment it returns, though B had the old row near.
+
+    A has the near tier too, or none, or names the same Redis as 'localhost' (a spelling the registry does not
+    merge): every write evicts the key from every near tier of its namespace in the process.
+    """
+    tries = 60
+    url = redis_url.replace("127.0.0.1", "localhost") if writer == "localhost-spelling" else redis_url
+    with near_cache(dsn, redis_url) as b:
+        if writer == "without-near":
+            a = TieredCache.connect(dsn, url, redis_timeout=1.0)
+        else:
+            a = TieredCache.connect(dsn, url, redis_timeout=1.0, near_max_entries=1000, near_max_age=30.0)
+        try:
+            stale = 0
+            for n in range(tries):
+                target = f"obj{n % 4}"
+                a.write_cache(CT, SITE, target, {"n": n, "old": True})
+                warm = _warm(b, target)
+                stale += warm is None or warm["result_json"] != {"n": n, "old": True}
+                rid = a.write_cache(CT, SITE, target, {"n": n})
+                row = b.get_latest(CT, SITE, target)
+                many = b.get_many(CT, SITE, [target])[target]
+                stale += row is None or row["id"] != rid or many is None or many["id"] != rid
+        finally:
+            a.close()
+    figure(f"[near] two cache objects, writer {writer}: {stale} stale of {tries * 3} reads right after a write")
+    assert stale == 0
+
+
+def test_cache_objects_on_one_redis_and_namespace_share_one_near_tier_and_listener(dsn: str, redis_url: str) -> None:
+    """Same server and namespace: one NearTier, one subscription; the last close() stops the listener."""
+    with near_cache(dsn, redis_url) as a, near_cache(dsn, redis_url, max_age=0.5) as b:
+        assert a.near is b.near and a.listener is b.listener
+        assert a.near.max_age == 0.5  # the tightest bound asked for applies to all
+        r = redis.Redis.from_url(redis_url)
+        try:
+            assert r.pubsub_numsub(a.keys.channel)[0][1] == 1
+            with TieredCache.connect(dsn, redis_url, namespace="other", near_max_entries=10) as c:
+                assert c.near is not a.near and c.listener is not a.listener
+            a.close()
+            assert a.listener.subscribed.is_set() and b.near.active  # b still uses them
+            listener = b.listener
+        finally:
+            r.close()
+    assert not listener._thread.is_alive() and not listener.near.active
+
+
 # ================================================================== listener bookkeeping, explicit times
 
 

@@ -11,6 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._near_registry import REGISTRY
 from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
 from .errors import ConfigurationError, StoreUnavailable
@@ -26,12 +27,8 @@ logger = logging.getLogger(__name__)
 
 _ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
 
-_STORE_OPTIONS = frozenset(
-    {
-        "policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
-        "min_size", "max_size", "pool_timeout", "connect_timeout",
-    }
-)
+_STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
+                            "min_size", "max_size", "pool_timeout", "connect_timeout"})
 
 
 def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> redis.Redis:
@@ -89,12 +86,17 @@ class TieredCache:
         self._owns_clients = owns_clients
         self._entries: dict[Key, str] = {}
         self._redis_client = redis_client
-        self.near: NearTier | None = None
-        self.listener: CoherenceListener | None = None
-        if near_max_entries:
-            self.near = NearTier(max_entries=near_max_entries, max_bytes=near_max_bytes, max_age=near_max_age)
-            self.listener = CoherenceListener(redis_client, self.keys.channel, self.near).start()
-        self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
+        # The process's near tier and listener for this Redis and namespace (see _near_registry).
+        bounds = (near_max_entries, near_max_bytes, near_max_age) if near_max_entries else None
+        self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
+        self.near: NearTier | None = self._share.near
+        self.listener: CoherenceListener | None = self._share.listener
+        self._peers = self._share.peers
+        try:
+            self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
+        except BaseException:
+            self._share.leave()
+            raise
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05, **options: Any) -> TieredCache:
@@ -345,9 +347,9 @@ class TieredCache:
         self._drop([ks])
 
     def _evict_near(self, ks: KeySet) -> None:
-        """Read-your-writes in this process at once, without waiting for our own announcement."""
-        if self.near is not None:
-            self.near.evict(ks.entry)
+        """Read-your-writes in this process at once, in every near tier of the namespace, without waiting for our own announcement."""
+        for near in self._peers.tiers:
+            near.evict(ks.entry)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -373,8 +375,7 @@ class TieredCache:
         """Stop background work; close the pool and client if connect() made them."""
         if self.relay is not None:
             self.relay.stop()
-        if self.listener is not None:
-            self.listener.stop()
+        self._share.leave()  # the last cache on this near tier stops its listener
         self.redis.close()
         if self._owns_clients:
             self.store.close()
