@@ -1,6 +1,7 @@
 """tiered_cache: a read-through cache for AI results, near cache -> Redis -> PostgreSQL."""
 
 from .errors import (
+    Closed,
     ConfigurationError,
     InvalidInput,
     MigrationError,
@@ -15,6 +16,7 @@ from .tiers.postgres import PostgresStore, SweepReport
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
+    "Closed",
     "ConfigurationError",
     "ExpiryPolicy",
     "InvalidInput",

@@ -31,3 +31,7 @@ class StoreUnavailable(TieredCacheError):
 
 class MigrationError(TieredCacheError):
     """The schema could not be brought to the version this library needs."""
+
+
+class Closed(TieredCacheError, RuntimeError):
+    """The object was closed: the call was refused before any I/O, so nothing was sent or written."""

@@ -14,7 +14,7 @@ from redis.retry import Retry
 from ._near_registry import REGISTRY
 from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
-from .errors import ConfigurationError, StoreUnavailable
+from .errors import Closed, ConfigurationError, StoreUnavailable
 from .policy.breaker import CircuitBreaker
 from .policy.entries import decode, encode, encode_entry
 from .policy.keys import KeySet, KeySpace
@@ -45,6 +45,10 @@ def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) 
         health_check_interval=0,
     )
     return redis.Redis(connection_pool=pool)
+
+
+def _closed() -> Closed:
+    return Closed("TieredCache is closed: the call was refused before sending anything")
 
 
 class TieredCache:
@@ -84,6 +88,7 @@ class TieredCache:
             breaker=CircuitBreaker(breaker_threshold, breaker_reset),
         )
         self._owns_clients = owns_clients
+        self._closed = False
         self._entries: dict[Key, str] = {}
         self._redis_client = redis_client
         # The process's near tier and listener for this Redis and namespace (see _near_registry).
@@ -142,6 +147,8 @@ class TieredCache:
 
     def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
         """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
+        if self._closed:
+            raise _closed()
         key, entry = self._entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
@@ -168,6 +175,8 @@ class TieredCache:
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
+        if self._closed:
+            raise _closed()
         ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
         if not ids:
             return {}
@@ -216,6 +225,8 @@ class TieredCache:
 
     def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
         """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
+        if self._closed:
+            raise _closed()
         key, entry = self._entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
@@ -253,6 +264,8 @@ class TieredCache:
         expires_at: datetime | None = None,
     ) -> int:
         """Insert a 'valid' row; once this returns, every process reads the new state."""
+        if self._closed:
+            raise _closed()
         params = self.store.prepare_write(cache_type, site_id, target_id, result_json, triggered_by, score, expires_at)
         ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
         token = self.redis.lease_for_write(ks)
@@ -267,6 +280,8 @@ class TieredCache:
 
     def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
         """Insert a placeholder; the previous result keeps being served, from cache."""
+        if self._closed:
+            raise _closed()
         params = {
             **dict(zip(("cache_type", "site_id", "target_id"), self.store.validate_key(cache_type, site_id, target_id))),
             "triggered_by": self.store.prepare_triggered_by(triggered_by),
@@ -282,6 +297,8 @@ class TieredCache:
         self, cache_id: int, result_json: dict[str, Any], score: int | None = None, cache_type: str | None = None
     ) -> bool:
         """Fill a 'generating' row (expiry from its own type); True if it did, and then every tier has it."""
+        if self._closed:
+            raise _closed()
         params = self.store.prepare_finalize(cache_id, result_json, score, cache_type)
         found = self.store.resolve_finalize(params)
         if found is None:
@@ -303,6 +320,8 @@ class TieredCache:
 
     def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
         """Mark a key's valid rows 'invalidated' and cache the resulting 'no row'; returns how many rows."""
+        if self._closed:
+            raise _closed()
         key = self.store.validate_key(cache_type, site_id, target_id)
         ks = self.keys.keyset(*key)
         token = self.redis.lease_for_write(ks)
@@ -317,6 +336,8 @@ class TieredCache:
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Invalidate a venue's valid rows (optionally of one type) and drop every key that had one."""
+        if self._closed:
+            raise _closed()
         keysets: list[KeySet] = []
 
         def lease(keys: list[Key]) -> None:
@@ -355,6 +376,8 @@ class TieredCache:
 
     def keyset(self, cache_type: str, site_id: int, target_id: str) -> KeySet:
         """The Redis keys of one cache key (for tools and tests)."""
+        if self._closed:
+            raise _closed()
         return self.keys.keyset(*self.store.validate_key(cache_type, site_id, target_id))
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -372,7 +395,10 @@ class TieredCache:
         return out
 
     def close(self) -> None:
-        """Stop background work; close the pool and client if connect() made them."""
+        """Stop background work; close the pool and client if connect() made them. Every later call raises Closed."""
+        if self._closed:
+            return
+        self._closed = True
         if self.relay is not None:
             self.relay.stop()
         self._share.leave()  # the last cache on this near tier stops its listener
