@@ -225,3 +225,22 @@ def test_a_forked_child_runs_its_own_relay_on_fresh_connections(dsn: str, redis_
                             "VALUES (%s, %s, %s, '{}', 'valid')", KEY)
             conn.send(("changed",))
             assert _recv(conn, 30)[0] == "applied"
+
+
+# ------------------------------------------------------------------ identities a child must not share
+
+
+def _child_identity(cache: TieredCache, dsn: str, conn: Any) -> None:
+    conn.send(("identity", cache.redis.publisher, cache.redis._token()))
+
+
+@pytest.mark.xfail(strict=True, reason="RedisTier._after_fork_in_child (the Redis tier's fork hook) must renew "
+                                       "the publisher id and the sequence and token counters")
+def test_a_forked_child_announces_and_leases_under_its_own_name(dsn: str, redis_url: str) -> None:
+    """A child sharing the parent's publisher id and counters would interleave its announcement numbers with the
+    parent's (false gaps, hidden losses) and take lease tokens equal to the parent's (a stale fill accepted)."""
+    with TieredCache.connect(dsn, redis_url) as c:
+        with _forked(_child_identity, c, dsn) as conn:
+            _, publisher, token = _recv(conn, 30)
+        assert publisher != c.redis.publisher
+        assert token != c.redis._token()
