@@ -66,6 +66,16 @@ class Membership:
         self._key = key
         self._registry = registry
 
+    def evict(self, entry: str) -> None:
+        """A write here: drop its key from every near tier of the namespace in this process."""
+        for near in self.peers.tiers:
+            near.evict(entry)
+
+    def flush(self) -> None:
+        """Drop everything from every near tier of the namespace in this process."""
+        for near in self.peers.tiers:
+            near.flush()
+
     def leave(self) -> None:
         """This cache is done with the tier: the last one out stops the listener. Idempotent."""
         key, self._key = self._key, None

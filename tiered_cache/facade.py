@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +20,7 @@ from .policy.breaker import CircuitBreaker
 from .policy.entries import decode, encode, encode_entry
 from .policy.keys import KeySet, KeySpace
 from .relay import Relay
-from .tiers.near import NearTier, history_key
+from .tiers.near import NearTier, check_bounds, history_key
 from .tiers.postgres import PostgresStore
 from .tiers.redis import RedisTier, RunWatch
 
@@ -45,10 +46,6 @@ def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) 
         health_check_interval=0,
     )
     return redis.Redis(connection_pool=pool)
-
-
-def _closed() -> Closed:
-    return Closed("TieredCache is closed: the call was refused before sending anything")
 
 
 class TieredCache:
@@ -78,30 +75,20 @@ class TieredCache:
                 raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
         self.store = store
         self.keys = KeySpace(namespace)
-        self.redis = RedisTier(
-            redis_client,
-            self.keys,
-            negative_ttl=negative_ttl,
-            no_expiry_ttl=no_expiry_ttl,
-            history_ttl=history_ttl,
-            lease_ttl=lease_ttl,
-            breaker=CircuitBreaker(breaker_threshold, breaker_reset),
-        )
+        self.redis = RedisTier(redis_client, self.keys, negative_ttl=negative_ttl, no_expiry_ttl=no_expiry_ttl,
+                               history_ttl=history_ttl, lease_ttl=lease_ttl,
+                               breaker=CircuitBreaker(breaker_threshold, breaker_reset))
         self._owns_clients = owns_clients
-        self._closed = False
         self._entries: dict[Key, str] = {}
         self._redis_client = redis_client
-        # The process's near tier and listener for this Redis and namespace (see _near_registry).
         bounds = (near_max_entries, near_max_bytes, near_max_age) if near_max_entries else None
+        if bounds is not None:
+            check_bounds(*bounds)  # before the relay starts: joining the registry cannot fail after it
+        self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
+        # The process's near tier and listener for this Redis and namespace (see _near_registry).
         self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
         self.near: NearTier | None = self._share.near
         self.listener: CoherenceListener | None = self._share.listener
-        self._peers = self._share.peers
-        try:
-            self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
-        except BaseException:
-            self._share.leave()
-            raise
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05, **options: Any) -> TieredCache:
@@ -147,8 +134,6 @@ class TieredCache:
 
     def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
         """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
-        if self._closed:
-            raise _closed()
         key, entry = self._entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
@@ -175,8 +160,6 @@ class TieredCache:
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
-        if self._closed:
-            raise _closed()
         ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
         if not ids:
             return {}
@@ -225,8 +208,6 @@ class TieredCache:
 
     def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
         """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
-        if self._closed:
-            raise _closed()
         key, entry = self._entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
@@ -264,8 +245,6 @@ class TieredCache:
         expires_at: datetime | None = None,
     ) -> int:
         """Insert a 'valid' row; once this returns, every process reads the new state."""
-        if self._closed:
-            raise _closed()
         params = self.store.prepare_write(cache_type, site_id, target_id, result_json, triggered_by, score, expires_at)
         ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
         token = self.redis.lease_for_write(ks)
@@ -280,8 +259,6 @@ class TieredCache:
 
     def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
         """Insert a placeholder; the previous result keeps being served, from cache."""
-        if self._closed:
-            raise _closed()
         params = {
             **dict(zip(("cache_type", "site_id", "target_id"), self.store.validate_key(cache_type, site_id, target_id))),
             "triggered_by": self.store.prepare_triggered_by(triggered_by),
@@ -297,8 +274,6 @@ class TieredCache:
         self, cache_id: int, result_json: dict[str, Any], score: int | None = None, cache_type: str | None = None
     ) -> bool:
         """Fill a 'generating' row (expiry from its own type); True if it did, and then every tier has it."""
-        if self._closed:
-            raise _closed()
         params = self.store.prepare_finalize(cache_id, result_json, score, cache_type)
         found = self.store.resolve_finalize(params)
         if found is None:
@@ -320,8 +295,6 @@ class TieredCache:
 
     def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
         """Mark a key's valid rows 'invalidated' and cache the resulting 'no row'; returns how many rows."""
-        if self._closed:
-            raise _closed()
         key = self.store.validate_key(cache_type, site_id, target_id)
         ks = self.keys.keyset(*key)
         token = self.redis.lease_for_write(ks)
@@ -336,8 +309,6 @@ class TieredCache:
 
     def invalidate_site(self, site_id: int, cache_type: str | None = None) -> int:
         """Invalidate a venue's valid rows (optionally of one type) and drop every key that had one."""
-        if self._closed:
-            raise _closed()
         keysets: list[KeySet] = []
 
         def lease(keys: list[Key]) -> None:
@@ -368,16 +339,13 @@ class TieredCache:
         self._drop([ks])
 
     def _evict_near(self, ks: KeySet) -> None:
-        """Read-your-writes in this process at once, in every near tier of the namespace, without waiting for our own announcement."""
-        for near in self._peers.tiers:
-            near.evict(ks.entry)
+        """Read-your-writes in this process at once, without waiting for our own announcement."""
+        self._share.evict(ks.entry)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def keyset(self, cache_type: str, site_id: int, target_id: str) -> KeySet:
         """The Redis keys of one cache key (for tools and tests)."""
-        if self._closed:
-            raise _closed()
         return self.keys.keyset(*self.store.validate_key(cache_type, site_id, target_id))
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -396,9 +364,7 @@ class TieredCache:
 
     def close(self) -> None:
         """Stop background work; close the pool and client if connect() made them. Every later call raises Closed."""
-        if self._closed:
-            return
-        self._closed = True
+        self.__class__ = _closed_class(type(self))  # first: no call of this object sends anything from now on
         if self.relay is not None:
             self.relay.stop()
         self._share.leave()  # the last cache on this near tier stops its listener
@@ -413,3 +379,19 @@ class TieredCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refused(name: str) -> Any:
+    def refuse(self: TieredCache, *args: Any, **kwargs: Any) -> Any:
+        raise Closed(f"TieredCache.{name}: the cache is closed; nothing was sent")
+
+    refuse.__name__ = name
+    return refuse
+
+
+@functools.cache
+def _closed_class(cls: type) -> type:
+    """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
+    calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
+             "invalidate", "invalidate_site", "keyset")
+    return type(f"Closed{cls.__name__}", (cls,), {"close": lambda self: None, **{n: _refused(n) for n in calls}})
