@@ -828,3 +828,26 @@ def test_publishers_silent_for_a_while_are_forgotten_and_only_open_holes_are_che
     lst.handle("peer7:9:k7", now=162.0)
     lst.check_gaps(now=170.0)
     assert lst.stats.gaps == 1 and "peer7" in lst._publishers
+
+
+def test_read_your_writes_after_an_invalidate_site_that_another_process_beat_to_a_key(dsn: str, redis_url: str) -> None:
+    """Another process invalidated a key and killed it in Redis, its announcement not here yet; then our
+    invalidate_site finds that key no longer valid (so it changes and kills nothing there) and returns:
+    our next read must not be the near tier's old row (found by the stress test under load, 2 runs in 20)."""
+    with near_cache(dsn, redis_url) as c:
+        rid = c.write_cache(CT, SITE, "beaten", {"v": 1})
+        c.write_cache(CT, SITE, "ours", {"v": 1})
+        _settle(c, 2)
+        assert _warm(c, "beaten")["id"] == rid and _warm(c, "ours") is not None
+        # The other process: commit, kill in Redis; its announcement is still on the way (none is sent here).
+        with psycopg.connect(dsn, autocommit=True) as other:
+            other.execute("UPDATE biz.ai_cache SET status = 'invalidated' WHERE target_id = 'beaten'")
+        r = redis.Redis.from_url(redis_url)
+        try:
+            assert r.delete(*c.keyset(CT, SITE, "beaten").all) >= 1
+        finally:
+            r.close()
+        assert c.invalidate_site(SITE, CT) == 1  # only 'ours' was still valid
+        assert c.get_latest(CT, SITE, "ours") is None
+        assert c.get_latest(CT, SITE, "beaten") is None, "the near tier served a row invalidated before our call"
+        assert c.get_many(CT, SITE, ["beaten", "ours"]) == {"beaten": None, "ours": None}

@@ -321,8 +321,12 @@ class TieredCache:
         except BaseException as exc:
             if keysets and not (isinstance(exc, StoreUnavailable) and not exc.maybe_committed):
                 self._drop(keysets)  # the commit may have happened before the failure
+                self._share.flush()
             raise
         self._drop(keysets)
+        # A key another process had just invalidated is not among ours, but may still be near here (its
+        # announcement in flight): read-your-writes in this process means no entry from before us survives.
+        self._share.flush()
         return sum(changed.values())
 
     def _drop(self, keysets: list[KeySet]) -> None:
