@@ -888,3 +888,55 @@ def test_open_breaker_still_kills_once_and_reads_skip_redis(cache: TieredCache, 
     assert other.get_latest(CT, SITE, "k")["id"] == v2  # another process at once
     assert cache.get_latest(CT, SITE, "k")["id"] == v2
     assert [h["id"] for h in cache.get_history(CT, SITE, "k")] == [v2, v1]
+
+
+# -- after close ----------------------------------------------------------------------------------
+
+
+CLOSED_CALLS: dict[str, Callable[[TieredCache], Any]] = {
+    "get_latest": lambda c: c.get_latest(CT, SITE, "c"),
+    "get_latest_new_key": lambda c: c.get_latest(CT, SITE, "never-read"),
+    "get_many": lambda c: c.get_many(CT, SITE, ["c", "d"]),
+    "get_history": lambda c: c.get_history(CT, SITE, "c"),
+    "write_cache": lambda c: c.write_cache(CT, SITE, "c", {"v": "after close"}),
+    "set_generating": lambda c: c.set_generating(CT, SITE, "c"),
+    "finalize_cache": lambda c: c.finalize_cache(1, {"v": "after close"}),
+    "invalidate": lambda c: c.invalidate(CT, SITE, "c"),
+    "invalidate_site": lambda c: c.invalidate_site(SITE),
+    "keyset": lambda c: c.keyset(CT, SITE, "c"),
+}
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["redis", "near+redis"])
+def test_every_call_after_close_raises_closed_and_sends_nothing(dsn: str, redis_url: str, r: redis.Redis,
+                                                                near: bool) -> None:
+    """A closed cache refuses every call with Closed before any I/O: no connection to Redis or PostgreSQL, no row."""
+    from faultproxy import FaultProxy
+
+    from tiered_cache import Closed, TieredCacheError
+
+    pg_port = int(dsn.rsplit(":", 1)[1].split("/")[0])
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    pg_proxy, redis_proxy = FaultProxy(pg_port).start(), FaultProxy(redis_port).start()
+    try:
+        c = TieredCache.connect(dsn.replace(f":{pg_port}/", f":{pg_proxy.port}/"),
+                                f"redis://127.0.0.1:{redis_proxy.port}/0", redis_timeout=1.0,
+                                near_max_entries=100 if near else 0)
+        c.write_cache(CT, SITE, "c", {"v": 1})
+        assert c.get_latest(CT, SITE, "c")["result_json"] == {"v": 1}
+        c.close()
+        c.close()  # idempotent
+        rows, keys = row_count(dsn), sorted(r.keys("*"))
+        accepted = (pg_proxy.accepted, redis_proxy.accepted)
+        commands = r.info("stats")["total_commands_processed"]
+        for name, call in CLOSED_CALLS.items():
+            with pytest.raises(Closed) as caught:
+                call(c)
+            assert isinstance(caught.value, TieredCacheError) and "closed" in str(caught.value), name
+        assert r.info("stats")["total_commands_processed"] - commands == 1, "a Redis command was sent"
+        assert (pg_proxy.accepted, redis_proxy.accepted) == accepted, "a connection was opened after close()"
+        assert (row_count(dsn), sorted(r.keys("*"))) == (rows, keys)
+        assert c.stats()["redis"]["writes_through"] == 1  # counters stay readable
+    finally:
+        pg_proxy.close()
+        redis_proxy.close()

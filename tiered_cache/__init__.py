@@ -2,6 +2,7 @@
 
 from ._async.store import AsyncPostgresStore
 from .errors import (
+    Closed,
     ConfigurationError,
     InvalidInput,
     MigrationError,
@@ -17,6 +18,7 @@ from .tiers.postgres import PostgresStore, SweepReport
 __all__ = [
     "AsyncPostgresStore",
     "DEFAULT_EXPIRY_DAYS",
+    "Closed",
     "ConfigurationError",
     "ExpiryPolicy",
     "InvalidInput",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,17 +29,19 @@ class ListenerStats:
 
 
 class _Sequence:
-    """One publisher's announcements: the next number expected, and numbers seen ahead of a hole."""
+    """One publisher's announcements: the next number expected, numbers seen ahead of a hole, when last heard."""
 
-    __slots__ = ("expected", "ahead", "hole_since")
+    __slots__ = ("expected", "ahead", "hole_since", "heard")
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, now: float) -> None:
         self.expected = expected
         self.ahead: set[int] = set()
         self.hole_since: float | None = None
+        self.heard = now
 
     def receive(self, seq: int, now: float) -> None:
         """Advance past seq and whatever it completes; a number ahead of the expected one opens a hole."""
+        self.heard = now
         if seq == self.expected:
             self.expected += 1
             while self.expected in self.ahead:
@@ -63,12 +66,13 @@ class CoherenceListener:
     """Subscribes to the change channel; a gap in a publisher's sequence, a lost connection or a new Redis run id flushes."""
 
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
-                 gap_grace: float = 0.25) -> None:
+                 gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
         source = client.connection_pool
-        kwargs = dict(source.connection_kwargs)
-        kwargs["socket_timeout"] = max(1.0, poll * 5)  # a pub/sub read waits for messages, not for an answer
-        pool = redis.ConnectionPool(connection_class=source.connection_class, max_connections=2, **kwargs)
-        self._client = redis.Redis(connection_pool=pool)
+        self._connection_class = source.connection_class
+        self._connection_kwargs = dict(source.connection_kwargs)
+        # A pub/sub read waits for messages, not for an answer.
+        self._connection_kwargs["socket_timeout"] = max(1.0, poll * 5)
+        self._client = self._new_client()
         self.channel = channel
         self.near = near
         self.poll = poll
@@ -77,17 +81,45 @@ class CoherenceListener:
         self._last_heard = 0.0
         self._last_ping = 0.0
         self.stats = ListenerStats()
-        self._publishers: dict[str, _Sequence] = {}
+        # Least recently heard first, so forgetting silent publishers looks only at the front; and apart,
+        # the few with a hole open, so a message never walks every publisher ever heard.
+        self._publishers: OrderedDict[str, _Sequence] = OrderedDict()
+        self._holes: dict[str, _Sequence] = {}
         self.gap_grace = gap_grace
+        #: A publisher silent this long (short-lived peer processes) is forgotten; its next message is a new
+        #: baseline, as after our own subscription, so a loss right then is bounded by near_max_age alone.
+        self.publisher_ttl = publisher_ttl
         self._run_id: str | None = None
         self._stop = threading.Event()
         self._pubsub: Any = None
         self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
         self.subscribed = threading.Event()
 
+    def _new_client(self) -> redis.Redis:
+        pool = redis.ConnectionPool(connection_class=self._connection_class, max_connections=2,
+                                    **self._connection_kwargs)
+        return redis.Redis(connection_pool=pool)
+
     def start(self) -> CoherenceListener:
         self._thread.start()
         return self
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the thread is gone and the sockets are the parent's; start over on new ones.
+
+        The parent's subscription is dropped, never closed or read (that would take the parent's messages),
+        and the near tier (reset first by its owner) turns on again only once this child is subscribed.
+        """
+        running = self._thread.ident is not None and not self._stop.is_set()
+        self._pubsub = None
+        self._client = self._new_client()
+        self._publishers.clear()
+        self._holes.clear()
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
+        if running:
+            self._thread.start()
 
     def _subscribe(self) -> None:
         """Connect, note Redis's run id, subscribe; the near tier turns on only after the confirmation."""
@@ -107,6 +139,7 @@ class CoherenceListener:
         self._last_heard = self._last_ping = time.monotonic()
         # Anything announced before this point may have been missed: start from empty.
         self._publishers.clear()
+        self._holes.clear()
         self.near.flush()
         self.near.active = True
         self.subscribed.set()
@@ -133,20 +166,35 @@ class CoherenceListener:
             self.near.flush()
         elif key:  # an empty key only carries the sequence number (a kill the relay could skip)
             self.near.evict(key)
-        state = self._publishers.get(publisher)
-        if state is None:  # first word from this publisher since we subscribed: its baseline
-            self._publishers[publisher] = _Sequence(seq + 1)
+        now = time.monotonic() if now is None else now
+        publishers = self._publishers
+        state = publishers.get(publisher)
+        if state is None:  # first word from this publisher since we subscribed (or since forgotten): its baseline
+            publishers[publisher] = _Sequence(seq + 1, now)
             return
-        state.receive(seq, time.monotonic() if now is None else now)
+        publishers.move_to_end(publisher)
+        state.receive(seq, now)
+        if state.hole_since is not None:
+            self._holes[publisher] = state
+        elif publisher in self._holes:
+            del self._holes[publisher]
 
     def check_gaps(self, now: float | None = None) -> None:
-        """A sequence number missing for longer than the grace was lost, not late: flush."""
+        """A sequence number missing for longer than the grace was lost, not late: flush. Then forget the silent."""
         now = time.monotonic() if now is None else now
-        for state in self._publishers.values():
-            if state.hole_since is not None and now - state.hole_since > self.gap_grace:
-                state.skip_hole()
-                self.stats.gaps += 1
-                self.near.flush()
+        if self._holes:
+            for publisher, state in list(self._holes.items()):
+                if state.hole_since is not None and now - state.hole_since > self.gap_grace:
+                    state.skip_hole()
+                    del self._holes[publisher]
+                    self.stats.gaps += 1
+                    self.near.flush()
+        publishers = self._publishers
+        while publishers:
+            publisher, state = next(iter(publishers.items()))
+            if now - state.heard <= self.publisher_ttl or state.hole_since is not None:
+                break
+            del publishers[publisher]
 
     def _run(self) -> None:
         backoff = 0.05

@@ -33,5 +33,5 @@ class MigrationError(TieredCacheError):
     """The schema could not be brought to the version this library needs."""
 
 
-class Closed(TieredCacheError):
-    """The cache or store was closed; nothing was sent anywhere."""
+class Closed(TieredCacheError, RuntimeError):
+    """The object was closed: the call was refused before any I/O, so nothing was sent or written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -11,14 +12,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._near_registry import REGISTRY
 from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
-from .errors import ConfigurationError, StoreUnavailable
+from .errors import Closed, ConfigurationError, StoreUnavailable
 from .policy.breaker import CircuitBreaker
 from .policy.entries import decode, encode, encode_entry
 from .policy.keys import KeySet, KeySpace
 from .relay import Relay
-from .tiers.near import NearTier, history_key
+from .tiers.near import NearTier, check_bounds, history_key
 from .tiers.postgres import PostgresStore
 from .tiers.redis import RedisTier, RunWatch
 
@@ -26,12 +28,8 @@ logger = logging.getLogger(__name__)
 
 _ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
 
-_STORE_OPTIONS = frozenset(
-    {
-        "policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
-        "min_size", "max_size", "pool_timeout", "connect_timeout",
-    }
-)
+_STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
+                            "min_size", "max_size", "pool_timeout", "connect_timeout"})
 
 
 def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> redis.Redis:
@@ -77,24 +75,20 @@ class TieredCache:
                 raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
         self.store = store
         self.keys = KeySpace(namespace)
-        self.redis = RedisTier(
-            redis_client,
-            self.keys,
-            negative_ttl=negative_ttl,
-            no_expiry_ttl=no_expiry_ttl,
-            history_ttl=history_ttl,
-            lease_ttl=lease_ttl,
-            breaker=CircuitBreaker(breaker_threshold, breaker_reset),
-        )
+        self.redis = RedisTier(redis_client, self.keys, negative_ttl=negative_ttl, no_expiry_ttl=no_expiry_ttl,
+                               history_ttl=history_ttl, lease_ttl=lease_ttl,
+                               breaker=CircuitBreaker(breaker_threshold, breaker_reset))
         self._owns_clients = owns_clients
         self._entries: dict[Key, str] = {}
         self._redis_client = redis_client
-        self.near: NearTier | None = None
-        self.listener: CoherenceListener | None = None
-        if near_max_entries:
-            self.near = NearTier(max_entries=near_max_entries, max_bytes=near_max_bytes, max_age=near_max_age)
-            self.listener = CoherenceListener(redis_client, self.keys.channel, self.near).start()
+        bounds = (near_max_entries, near_max_bytes, near_max_age) if near_max_entries else None
+        if bounds is not None:
+            check_bounds(*bounds)  # before the relay starts: joining the registry cannot fail after it
         self.relay: Relay | None = Relay(store.dsn, self.redis).start() if relay else None
+        # The process's near tier and listener for this Redis and namespace (see _near_registry).
+        self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
+        self.near: NearTier | None = self._share.near
+        self.listener: CoherenceListener | None = self._share.listener
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05, **options: Any) -> TieredCache:
@@ -327,8 +321,12 @@ class TieredCache:
         except BaseException as exc:
             if keysets and not (isinstance(exc, StoreUnavailable) and not exc.maybe_committed):
                 self._drop(keysets)  # the commit may have happened before the failure
+                self._share.flush()
             raise
         self._drop(keysets)
+        # A key another process had just invalidated is not among ours, but may still be near here (its
+        # announcement in flight): read-your-writes in this process means no entry from before us survives.
+        self._share.flush()
         return sum(changed.values())
 
     def _drop(self, keysets: list[KeySet]) -> None:
@@ -346,8 +344,7 @@ class TieredCache:
 
     def _evict_near(self, ks: KeySet) -> None:
         """Read-your-writes in this process at once, without waiting for our own announcement."""
-        if self.near is not None:
-            self.near.evict(ks.entry)
+        self._share.evict(ks.entry)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -370,11 +367,11 @@ class TieredCache:
         return out
 
     def close(self) -> None:
-        """Stop background work; close the pool and client if connect() made them."""
+        """Stop background work; close the pool and client if connect() made them. Every later call raises Closed."""
+        self.__class__ = _closed_class(type(self))  # first: no call of this object sends anything from now on
         if self.relay is not None:
             self.relay.stop()
-        if self.listener is not None:
-            self.listener.stop()
+        self._share.leave()  # the last cache on this near tier stops its listener
         self.redis.close()
         if self._owns_clients:
             self.store.close()
@@ -386,3 +383,19 @@ class TieredCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refused(name: str) -> Any:
+    def refuse(self: TieredCache, *args: Any, **kwargs: Any) -> Any:
+        raise Closed(f"TieredCache.{name}: the cache is closed; nothing was sent")
+
+    refuse.__name__ = name
+    return refuse
+
+
+@functools.cache
+def _closed_class(cls: type) -> type:
+    """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
+    calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
+             "invalidate", "invalidate_site", "keyset")
+    return type(f"Closed{cls.__name__}", (cls,), {"close": lambda self: None, **{n: _refused(n) for n in calls}})

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from redis.exceptions import RedisError
 
+from . import _fork
 from .policy.keys import KeySpace
 from .tiers.postgres import TCP_TIMEOUTS
 from .tiers.redis import RedisTier
@@ -151,10 +152,20 @@ class Relay:
                 backoff = min(backoff * 2, 1.0)
 
     def start(self) -> Relay:
-        """Run in a daemon thread."""
+        """Run in a daemon thread (and again in a forked child, on connections of its own)."""
         self._thread = threading.Thread(target=self.run, name=f"tiered_cache-relay-{self.name}", daemon=True)
         self._thread.start()
+        _fork.register(self)
         return self
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: drop the parent's connections unclosed (closing sends Terminate on its sockets), run anew."""
+        running = self._thread is not None and not self._stop.is_set()
+        self._conn = self._listen = None  # psycopg does not finish a connection it finds in another process
+        self._stop = threading.Event()
+        self._thread = None
+        if running:
+            self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop and close its connections."""

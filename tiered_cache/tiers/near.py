@@ -41,6 +41,12 @@ def history_key(entry: str, limit: int) -> str:
     return f"{entry}#h{limit}"
 
 
+def check_bounds(max_entries: int, max_bytes: int, max_age: float) -> None:
+    """Refuse bounds no near tier can have (before a shared tier is looked up, so it is never silent)."""
+    if max_entries < 1 or max_bytes < 1 or not max_age > 0:
+        raise ConfigurationError("near tier: max_entries and max_bytes must be >= 1 and max_age > 0")
+
+
 class NearTier:
     """A thread-safe LRU of (deadline, encoded answer), usable only while its coherence listener is subscribed.
 
@@ -57,8 +63,7 @@ class NearTier:
         timer: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_entries < 1 or max_bytes < 1 or not max_age > 0:
-            raise ConfigurationError("near tier: max_entries and max_bytes must be >= 1 and max_age > 0")
+        check_bounds(max_entries, max_bytes, max_age)
         self.max_age = max_age
         self.timer = timer
         self.wall_clock = wall_clock
@@ -147,6 +152,18 @@ class NearTier:
             self._bumped = [self.epoch] * _STRIPES
             self._cache.clear()
         self.stats.flushes += 1
+
+    def tighten(self, max_age: float) -> None:
+        """Lower the staleness bound (a sharer asked for less); entries stored under the old one go."""
+        if max_age < self.max_age:
+            self.max_age = max_age
+            self.flush()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: no listener vouches for these entries, and the lock may be held by a lost thread."""
+        self._lock = threading.Lock()
+        self.active = False
+        self.flush()
 
     def __len__(self) -> int:
         return len(self._cache)
