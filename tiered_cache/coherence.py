@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -92,6 +93,12 @@ class CoherenceListener:
         self._run_id: str | None = None
         self._stop = threading.Event()
         self._pubsub: Any = None
+        # Held while anything reads or writes the subscription (this thread's drain, a reader's poll_now):
+        # never while waiting, so a reader that finds it held knows announcements are being applied now.
+        self._lock = threading.Lock()
+        self._poller: Any = None  # select.poll on the subscription socket, for this thread's waits
+        self._fd: int | None = None  # that socket, for readers (a poll object must not be shared by threads)
+        near.poll_announcements = self.poll_now
         self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
         self.subscribed = threading.Event()
 
@@ -137,16 +144,21 @@ class CoherenceListener:
             if time.monotonic() > deadline:
                 raise RedisConnectionError("no subscribe confirmation on the change channel")
         self._last_heard = self._last_ping = time.monotonic()
+        fd = self._pubsub.connection._sock.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         # Anything announced before this point may have been missed: start from empty.
         self._publishers.clear()
         self._holes.clear()
         self.near.flush()
+        self._poller, self._fd = poller, fd
         self.near.active = True
         self.subscribed.set()
 
     def _lost(self) -> None:
         """The listener cannot vouch for the near tier any more: switch it off and empty it."""
         self.near.active = False
+        self._poller = self._fd = None
         self.subscribed.clear()
         self.near.flush()
         if self._pubsub is not None:
@@ -196,6 +208,39 @@ class CoherenceListener:
                 break
             del publishers[publisher]
 
+    def poll_now(self) -> None:
+        """Apply announcements already waiting on the socket, from the reading thread itself.
+
+        A near hit calls this (at most once a millisecond) before answering, so a CPU-busy process serves
+        no entry whose eviction has already arrived: the listener thread alone would first have to win the
+        GIL from the busy thread, once per blocking call (about 5 ms each at the default switch interval).
+        """
+        fd = self._fd
+        if fd is None:
+            return
+        if not self._lock.locked() and not select.select((fd,), (), (), 0)[0]:
+            return  # nothing waiting, and no drain under way that may hold a message read but not applied
+        with self._lock:
+            if self._fd is not None:
+                try:
+                    self._drain(time.monotonic())
+                except (RedisError, OSError, ValueError) as exc:
+                    # The listener thread finds the same fault on its next read and reconnects; until then
+                    # the near tier cannot vouch for anything.
+                    logger.info("coherence listener: %s while polling: %s; near tier off", type(exc).__name__, exc)
+                    self.near.active = False
+                    self.near.flush()
+
+    def _drain(self, now: float) -> None:
+        """Apply every message already received (under the lock); returns when none is waiting."""
+        while True:
+            msg = self._pubsub.get_message(timeout=0)
+            if not msg:
+                return
+            self._last_heard = now
+            if msg["type"] == "message":
+                self.handle(msg["data"], now)
+
     def _run(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
@@ -203,25 +248,27 @@ class CoherenceListener:
                 if self._pubsub is None:
                     self._subscribe()
                     backoff = 0.05
-                msg = self._pubsub.get_message(timeout=self.poll)
-                now = time.monotonic()
-                if msg:
-                    self._last_heard = now
-                    if msg["type"] == "message":
-                        self.handle(msg["data"], now)
-                self.check_gaps(now)
-                if now - self._last_ping >= self.health:
-                    self._last_ping = now
-                    self._pubsub.ping()
+                if not self.near.active:  # a poll_now found the link broken
+                    raise RedisConnectionError("the change channel failed while a reader polled it")
+                with self._lock:
+                    now = time.monotonic()
+                    self._drain(now)  # first: the subscribe confirmation may have come with messages behind it
+                    self.check_gaps(now)
+                    if now - self._last_ping >= self.health:
+                        self._last_ping = now
+                        self._pubsub.ping()
                 if now - self._last_heard > 3 * self.health + self.poll:
                     raise RedisConnectionError(f"no answer on the change channel for {now - self._last_heard:.1f} s")
+                self._poller.poll(self.poll * 1000)  # wait without the lock (and without the GIL)
             except (RedisError, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
                 logger.info("coherence listener: %s: %s; near tier flushed and off until resubscribed", type(exc).__name__, exc)
-                self._lost()
+                with self._lock:
+                    self._lost()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
-        self._lost()
+        with self._lock:
+            self._lost()
 
     def stop(self) -> None:
         """Stop listening; the near tier is switched off."""

@@ -21,6 +21,7 @@ from ..errors import ConfigurationError
 from ..policy.entries import decode, expires_at_ms
 
 _STRIPES = 64  # evictions guard puts per stripe of keys, so one change does not cancel every read in flight
+_POLL_EVERY = 0.001  # seconds: how stale a hit may be against an announcement already on the socket
 
 
 @dataclass
@@ -82,14 +83,23 @@ class NearTier:
         self._bumped = [0] * _STRIPES
         #: False until the listener is subscribed (and after it loses its connection): no puts, no hits.
         self.active = False
+        #: Set by the coherence listener: applies announcements already received, from the reading thread.
+        self.poll_announcements: Callable[[], None] | None = None
+        self._next_poll = 0.0
 
     def get(self, key: str) -> Any:
         """The cached answer (freshly decoded), None for a cached 'no row', or MISS."""
         if not self.active:
             return MISS
+        now = self.timer()
+        if now >= self._next_poll and self.poll_announcements is not None:
+            self._next_poll = now + _POLL_EVERY
+            self.poll_announcements()
+            if not self.active:
+                return MISS
         with self._lock:
             item = self._cache.get(key)
-            if item is not None and item[0] <= self.timer():
+            if item is not None and item[0] <= now:
                 del self._cache[key]
                 item = None
         if item is None:
