@@ -150,3 +150,13 @@ def test_verify_continuous_reports_a_stale_redis_entry(dsn: str, redis_url: str,
     assert all(c == n for (w, tier), (c, n) in table.items() if tier == "postgres")
     assert "sampled comparison (Redis against PostgreSQL): 0/1 consistent" in out  # verify() sees it too
     assert code == 1 and "below --min-nines 1" in out
+
+
+def test_a_write_slot_reached_after_the_end_does_not_keep_the_run_alive() -> None:
+    """A loop that wakes after the run's end with a write slot still before it has nothing left to do."""
+    schedule = ProbeSchedule(interval=0.2, windows=(0.1,), duration=1.0, targets=1, start=0.0)
+    schedule.wrote("p0", 1, 0.95)  # the last write, late: the next slot (1.15 s) lies past the end
+    schedule._next_write = 0.99  # a slot before the end that the loop only reaches at 1.2 s
+    assert [w for _, w in schedule.due_reads(1.2)] == [0.1]
+    assert schedule.write_due(1.2) is None
+    assert schedule.next_event(1.2) is None

@@ -234,8 +234,6 @@ def _child_identity(cache: TieredCache, dsn: str, conn: Any) -> None:
     conn.send(("identity", cache.redis.publisher, cache.redis._token()))
 
 
-@pytest.mark.xfail(strict=True, reason="RedisTier._after_fork_in_child (the Redis tier's fork hook) must renew "
-                                       "the publisher id and the sequence and token counters")
 def test_a_forked_child_announces_and_leases_under_its_own_name(dsn: str, redis_url: str) -> None:
     """A child sharing the parent's publisher id and counters would interleave its announcement numbers with the
     parent's (false gaps, hidden losses) and take lease tokens equal to the parent's (a stale fill accepted)."""

@@ -23,7 +23,8 @@ from tiered_cache.contracts import MISS
 from tiered_cache.policy.entries import NEGATIVE, encode, encode_entry, expires_at_ms
 from tiered_cache.policy.keys import KeySet, KeySpace
 from tiered_cache.testing.fake import fake_redis_client
-from tiered_cache.tiers.redis import CONTENDED, FILL, RedisTier
+from tiered_cache.tiers._lua import FILL
+from tiered_cache.tiers.redis import CONTENDED, RedisTier
 
 from _util import wait_until
 
@@ -453,11 +454,6 @@ def test_facade_get_many_and_history_use_one_mget_and_the_history_hash(facade: T
 def test_near_tiers_of_two_processes_stay_coherent(store: PostgresStore, backend: Backend,
                                                   request: pytest.FixtureRequest) -> None:
     """A write in one process evicts the other's near-tier copy through the change channel."""
-    if backend.name == "fake":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="fakeredis has no INFO command; CoherenceListener._subscribe asks INFO server for the run id "
-                   "and so never subscribes: the near tier stays off on fakeredis"))
     near = {"near_max_entries": 100, "near_max_age": 60.0}  # no entry ages out between two reads on a slow machine
     one = TieredCache(store, backend.new_client(), namespace="contract", **near)
     two = TieredCache(store, backend.new_client(), namespace="contract", **near)

@@ -118,6 +118,8 @@ class CoherenceListener:
         and the near tier (reset first by its owner) turns on again only once this child is subscribed.
         """
         running = self._thread.ident is not None and not self._stop.is_set()
+        self._lock = threading.Lock()  # the parent's thread may have held it at fork time
+        self._poller = self._fd = None  # the parent's socket: a reader must never poll or read it here
         self._pubsub = None
         self._client = self._new_client()
         self._publishers.clear()
@@ -130,7 +132,10 @@ class CoherenceListener:
 
     def _subscribe(self) -> None:
         """Connect, note Redis's run id, subscribe; the near tier turns on only after the confirmation."""
-        run_id = self._client.info("server").get("run_id")
+        try:
+            run_id = self._client.info("server").get("run_id")
+        except redis.ResponseError:  # INFO renamed away, or fakeredis (which has none): no restart check here
+            run_id = None
         if self._run_id is not None and run_id != self._run_id:
             self.stats.restarts_seen += 1
         self._run_id = run_id

@@ -147,7 +147,7 @@ class ProbeSchedule:
     def next_event(self, now: float) -> float | None:
         """When something is next due; None once the run is over and every read-back done."""
         times = [self._reads[0][0]] if self._reads else []
-        if self._next_write < self.end:
+        if self._next_write < self.end and now < self.end:  # a slot the loop reached too late is no event
             times.append(self._next_write)
         return min(times) if times else None
 

@@ -35,7 +35,7 @@ _LISTENER_READY = 30.0  # seconds for the near tier's listener to subscribe, gen
 _LISTENER_FAILURES = 3  # failed subscribe attempts in a row that end the wait early
 
 #: Why a near tier may not start on fakeredis (it has no INFO command, which the listener asks first).
-FAKE_NEAR_HINT = "; on fakeredis: it has no INFO command, which the listener needs (use the tiered_cache fixture)"
+FAKE_NEAR_HINT = " (on fakeredis)"
 
 
 def pytest_configure(config: pytest.Config) -> None:
