@@ -4,6 +4,7 @@ Entries are stored encoded and decoded on every hit, so a caller that mutates a 
 changes what the next read returns (decoding is also cheaper than a deep copy). Every entry dies at
 the row's expires_at and at most `max_age` after it was stored: the hard bound on staleness if every
 invalidation message were lost. The coherence listener evicts keys as changes are announced.
+A process has one tier per Redis server and namespace, shared by its caches (see _near_registry).
 """
 
 from __future__ import annotations
