@@ -23,7 +23,8 @@ from tiered_cache.contracts import MISS
 from tiered_cache.policy.entries import NEGATIVE, encode, encode_entry, expires_at_ms
 from tiered_cache.policy.keys import KeySet, KeySpace
 from tiered_cache.testing.fake import fake_redis_client
-from tiered_cache.tiers.redis import CONTENDED, FILL, RedisTier
+from tiered_cache.tiers.lua_scripts import FILL
+from tiered_cache.tiers.redis import CONTENDED, RedisTier
 
 from _util import wait_until
 

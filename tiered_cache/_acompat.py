@@ -7,6 +7,7 @@ names, so the sync twin uses threads where the async code uses tasks, and blocki
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -16,6 +17,12 @@ from typing import Any
 
 sleep = time.sleep
 Event = threading.Event
+Lock = threading.Lock
+
+
+def callback(obj: Any) -> Any:
+    """A callback a library calls synchronously (redis-py's redis_connect_func): as it is."""
+    return obj
 
 
 class Worker:
@@ -42,6 +49,16 @@ def wait_event(event: threading.Event, timeout: float) -> bool:
 
 asleep = asyncio.sleep
 AEvent = asyncio.Event
+ALock = asyncio.Lock
+
+
+def acallback(obj: Any) -> Any:
+    """An object with an `async def __call__`, marked so asyncio.iscoroutinefunction() sees it and its caller
+    awaits it (redis.asyncio awaits redis_connect_func only then; a plain instance would be called, not awaited)."""
+    obj._is_coroutine = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio.iscoroutinefunction
+    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+: inspect.iscoroutinefunction too
+        inspect.markcoroutinefunction(obj)
+    return obj
 
 
 class AWorker:
