@@ -13,7 +13,7 @@ import redis
 
 from faultproxy import FaultProxy
 from tiered_cache._async import lua as alua
-from tiered_cache._async import redis_tier as aredis_tier
+from tiered_cache._async import redis_writes as aredis_writes
 from tiered_cache._async.client import async_redis_client
 from tiered_cache._async.redis_tier import AsyncRedisTier
 from tiered_cache._async.runwatch import AsyncRunWatch
@@ -104,7 +104,7 @@ def test_a_write_cancelled_at_its_kill_leaves_the_kill_owed_and_it_lands(redis_u
             admin.set(ks.entry, b"stale")  # what another process filled before our commit
             entered = asyncio.Event()
             if path == "write_through":
-                monkeypatch.setattr(aredis_tier, "evalsha", _hang(entered, aredis_tier.evalsha))
+                monkeypatch.setattr(aredis_writes, "evalsha", _hang(entered, aredis_writes.evalsha))
                 call = tier.write_through(ks, token, ROW, "1")
             else:
                 monkeypatch.setattr(alua, "send", _hang(entered, alua.send))
