@@ -513,6 +513,47 @@ def test_an_empty_pool_is_not_an_outage_and_the_kill_waits_for_a_connection(dsn:
         other.close()
 
 
+async def _async_tier_on(url: str, namespace: str, **client_options: Any) -> Any:
+    """An AsyncRedisTier on the bounded redis.asyncio client, built inside the loop that drives it."""
+    from tiered_cache._async.client import async_redis_client
+    from tiered_cache._async.redis_tier import AsyncRedisTier
+
+    return AsyncRedisTier(async_redis_client(url, **client_options), KeySpace(namespace))
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_an_empty_pool_is_saturated_not_an_outage_on_either_client(redis_url: str, api: str) -> None:
+    """Both clients' blocking pools say 'No connection available.' when empty: a read answers DOWN without counting
+    toward the breaker, and a kill waits (up to kill_wait) for a connection instead of being owed."""
+    from _apis import blocking
+
+    admin = redis.Redis.from_url(redis_url)
+    if api == "sync":
+        tier: Any = RedisTier(redis_client(redis_url, timeout=0.05, max_connections=1), KeySpace("pool"))
+    else:
+        tier = blocking(_async_tier_on)(redis_url, "pool", timeout=0.05, max_connections=1)
+    ks = tier.keys.keyset(CT, SITE, "k")
+    try:
+        admin.set(ks.entry, b"stale")
+        assert tier.get_raw(ks.entry) == b"stale"
+        pool = tier.client.connection_pool
+        held = pool.get_connection()
+        for _ in range(3):
+            assert tier.get_raw(ks.entry) is DOWN
+        assert tier.stats.saturated == 3 and tier.breaker.failures == 0 and tier.breaker.trips == 0
+        releaser = threading.Timer(0.3, pool.release, (held,))  # the async pool's release runs on the loop (Blocking)
+        releaser.start()
+        tier.kill([ks])
+        releaser.join()
+        assert tier.pending == 0, "the kill was owed instead of waiting for a connection"
+        assert admin.exists(ks.entry) == 0
+    finally:
+        tier.close()
+        if api == "async":
+            tier.client.aclose()
+        admin.close()
+
+
 # --------------------------------------------------------------------------- owed kills are bounded
 
 

@@ -3,6 +3,8 @@ characters the namespace holds (SCAN MATCH patterns are escaped: `tc[prod]`, `a*
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 import redis
@@ -103,3 +105,54 @@ def test_truncate_flushes_a_glob_namespace_and_spares_its_neighbour(dsn: str, re
 def _outbox(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM biz.ai_cache_changes").fetchone()[0]  # type: ignore[index]
+
+
+async def _async_tier_on(url: str, namespace: str) -> Any:
+    """An AsyncRedisTier on the bounded redis.asyncio client, built inside the loop that drives it."""
+    from tiered_cache._async.client import async_redis_client
+    from tiered_cache._async.redis_tier import AsyncRedisTier
+
+    return AsyncRedisTier(async_redis_client(url, timeout=1.0), KeySpace(namespace))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_the_tier_reads_nothing_of_the_old_run_after_a_restart(api: str) -> None:
+    """The restart watch of either client (redis-py calls it, redis.asyncio awaits it): an entry the snapshot kept
+    but a later kill removed is dropped, with the whole namespace and nothing else, before the first read is served."""
+    from _apis import blocking
+
+    from tiered_cache.contracts import DOWN, MISS
+    from tiered_cache.facade import redis_client
+    from tiered_cache.tiers.redis import RedisTier
+
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        if api == "sync":
+            tier: Any = RedisTier(redis_client(server.url, timeout=1.0), KeySpace("rs"))
+        else:
+            tier = blocking(_async_tier_on)(server.url, "rs")
+        ks = tier.keys.keyset(CT, SITE, "k")
+        try:
+            admin.set(ks.entry, b"old")
+            admin.set("neighbour:k", b"kept")
+            assert tier.get_raw(ks.entry) == b"old"
+            assert admin.save()
+            tier.kill([ks])
+            assert admin.exists(ks.entry) == 0
+            admin.close()
+            server.kill()
+            server.start()
+            admin = redis.Redis.from_url(server.url)
+            assert admin.get(ks.entry) == b"old", "the restarted Redis reloaded the old entry (this test's premise)"
+            got: list[Any] = []
+            wait_until(lambda: got.append(tier.get_raw(ks.entry)) or got[-1] is not DOWN, 10,
+                       what="a read on a new connection")
+            assert got[-1] is MISS
+            assert tier.client.connection_pool.connection_kwargs["redis_connect_func"].restarts == 1
+            assert admin.get("neighbour:k") == b"kept"
+        finally:
+            tier.close()
+            if api == "async":
+                tier.client.aclose()
+            admin.close()

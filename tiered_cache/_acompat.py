@@ -7,6 +7,7 @@ names, so the sync twin uses threads where the async code uses tasks, and blocki
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,11 @@ def open_pool(pool: Any) -> bool:
     """Open a psycopg ConnectionPool now, without waiting for its connections; True: it is open."""
     pool.open(wait=False)
     return True
+
+
+def callback(obj: Any) -> Any:
+    """A callback a library calls synchronously (redis-py's redis_connect_func): as it is."""
+    return obj
 
 
 class Worker:
@@ -55,6 +61,15 @@ ALock = asyncio.Lock
 def aopen_pool(pool: Any) -> bool:
     """False: an AsyncConnectionPool opens only by an await in a running loop, which a constructor cannot make."""
     return False
+
+
+def acallback(obj: Any) -> Any:
+    """An object with an `async def __call__`, marked so asyncio.iscoroutinefunction() sees it and its caller
+    awaits it (redis.asyncio awaits redis_connect_func only then; a plain instance would be called, not awaited)."""
+    obj._is_coroutine = getattr(asyncio.coroutines, "_is_coroutine", None)  # asyncio.iscoroutinefunction
+    if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+: inspect.iscoroutinefunction too
+        inspect.markcoroutinefunction(obj)
+    return obj
 
 
 class AWorker:

@@ -9,10 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ._near_registry import REGISTRY
+from ._sync.client import redis_client
 from .coherence import CoherenceListener
 from .contracts import DOWN, MISS, Key, Row
 from .errors import Closed, ConfigurationError, StoreUnavailable
@@ -22,7 +21,7 @@ from .policy.keys import KeySet, KeySpace
 from .relay import Relay
 from .tiers.near import NearTier, check_bounds, history_key
 from .tiers.postgres import PostgresStore
-from .tiers.redis import RedisTier, RunWatch
+from .tiers.redis import RedisTier
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +29,6 @@ _ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (che
 
 _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
                             "min_size", "max_size", "pool_timeout", "connect_timeout"})
-
-
-def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> redis.Redis:
-    """A client whose every call is bounded by `timeout`: no retries, a blocking pool, so a sick Redis cannot pile up threads."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        redis_connect_func=RunWatch(),  # a restarted Redis is emptied of our keys before it serves us
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 class TieredCache:

@@ -46,12 +46,16 @@ NAMES = {
     # tiered_cache/tiers/_store_shared.py: callables the async store awaits
     "AWork": "Work",
     "ABeforeCommit": "BeforeCommit",
+    # the Redis tier (issue 10): a lock held across awaits; redis.asyncio awaits a marked redis_connect_func
+    "acallback": "callback",
 }
 
 #: Whole import lines whose sync form is not a token-for-token rename.
 LINES = {
     "import redis.asyncio as aioredis": "import redis",
     "from redis.asyncio.client import Pipeline": "from redis.client import Pipeline",
+    # the Redis tier (issue 10): redis.asyncio's Retry awaits, redis-py's calls
+    "from redis.asyncio.retry import Retry": "from redis.retry import Retry",
 }
 
 HEADER = "# Generated from {src} by tools/async_to_sync.py: do not edit; edit the source and run it again.\n"

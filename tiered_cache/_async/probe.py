@@ -11,19 +11,19 @@ from redis.exceptions import RedisError
 from ..policy.failures import WRITES_REFUSED, Failure, RefusalWatch
 
 if TYPE_CHECKING:
-    from .redis import RedisTier
+    from .redis_tier import AsyncRedisTier
 
 logger = logging.getLogger(__name__)
 
 
-class WriteProbe:
+class AsyncWriteProbe:
     """A DEL of `<namespace>:probe` (a write that needs no memory: OOM never trips it) and the refusal it reveals.
 
     The tier sends it with a read at most every probe_interval, and before every drain while refusing.
-    `watch` is read on the tier's hit path; its transitions happen here, under one lock.
+    `watch` is read on the tier's hit path; its transitions happen here, under one lock (never held across an await).
     """
 
-    def __init__(self, tier: RedisTier, probe_interval: float, hold_down: float) -> None:
+    def __init__(self, tier: AsyncRedisTier, probe_interval: float, hold_down: float) -> None:
         self.tier = tier
         self.watch = RefusalWatch(probe_interval, hold_down)
         self.lock = threading.Lock()
@@ -32,7 +32,7 @@ class WriteProbe:
         """Another thread may have held the lock at fork time: take a new one."""
         self.lock = threading.Lock()
 
-    def refused(self, kind: Failure, exc: BaseException) -> None:
+    async def refused(self, kind: Failure, exc: BaseException) -> None:
         """Redis refuses writes (or everything): the tier stops serving its entries; near tiers drop theirs."""
         with self.lock:
             started = self.watch.refused()
@@ -44,17 +44,17 @@ class WriteProbe:
                        "%.1f s", kind, exc, self.watch.hold_down)
         if tier.channel and kind is WRITES_REFUSED:  # PUBLISH is no write: a replica or MISCONF still takes it
             try:
-                tier.client.publish(tier.channel, tier._message("*"))
+                await tier.client.publish(tier.channel, tier._message("*"))
             except RedisError:
                 pass  # best effort: every listener's own tier probes too
 
-    def send(self) -> bool:
+    async def send(self) -> bool:
         """Send the probe now: True if Redis accepted it (accepted for hold_down, a refusal ends)."""
         tier = self.tier
         try:
-            tier.client.execute_command("DEL", tier.keys.probe)
+            await tier.client.execute_command("DEL", tier.keys.probe)
         except RedisError as exc:
-            if not tier._failed(exc).refusing:  # no answer, or an unrelated one, proves nothing
+            if not (await tier._failed(exc)).refusing:  # no answer, or an unrelated one, proves nothing
                 with self.lock:
                     self.watch.unanswered()
             return False

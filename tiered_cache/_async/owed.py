@@ -1,4 +1,4 @@
-"""Kills Redis did not get: kept (bounded) and retried by one thread, so other processes stop seeing them soon too."""
+"""Kills Redis did not get: kept (bounded) and retried by one background worker, so other processes stop seeing them soon too."""
 
 from __future__ import annotations
 
@@ -8,29 +8,26 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from .._acompat import AEvent, AWorker, await_event
 from ..policy.failures import classify
 from ..policy.keys import KeySet
+from ..tiers._redis_shared import ANSWERED_CADENCE, CHUNK, CLOSE_JOIN, NAMESPACE, OUTAGE_BACKOFF
 
 if TYPE_CHECKING:
-    from .redis import RedisTier
+    from .redis_tier import AsyncRedisTier
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 500  # owed kills per pipeline, so one drain never holds a connection for long
-ANSWERED_CADENCE = 0.02  # Redis answered (BUSY, READONLY, ...): retry on this fixed cadence
-OUTAGE_BACKOFF = 1.0  # no answer: back off from ANSWERED_CADENCE up to this
-#: The owed set's only key once it overflowed: the whole namespace is to be dropped.
-NAMESPACE = "*"
 
-
-class OwedKills:
+class AsyncOwedKills:
     """Entry key -> KeySet of every kill owed; past `limit` keys, one namespace drop owed instead.
 
     The tier reads `keys` on its hit path (a dict: empty means nothing owed). A kill leaves it only after
-    Redis confirmed it; the namespace drop clears it only if no kill was owed while the drop ran.
+    Redis confirmed it; the namespace drop clears it only if no kill was owed while the drop ran. Owing is
+    synchronous (no I/O, no await), so a task cancelled at any await of a write can still record its kill.
     """
 
-    def __init__(self, tier: RedisTier, limit: int) -> None:
+    def __init__(self, tier: AsyncRedisTier, limit: int) -> None:
         self.tier = tier
         self.limit = limit
         self.keys: dict[str, KeySet | None] = {}
@@ -39,10 +36,10 @@ class OwedKills:
         self._fresh_primitives()
 
     def _fresh_primitives(self) -> None:
-        self.lock = threading.Lock()
-        self.drain_lock = threading.Lock()
-        self._drainer: threading.Thread | None = None
-        self._closed = threading.Event()
+        self.lock = threading.Lock()  # held for a few statements, never across an await
+        self.drain_lock = threading.Lock()  # held across awaits: only ever try-acquired
+        self._drainer: AWorker | None = None
+        self._closed = AEvent()
 
     def _after_fork_in_child(self) -> None:
         """New locks (another thread may have held them at fork time); the parent's drainer is gone. Keep the kills."""
@@ -72,7 +69,7 @@ class OwedKills:
             self.tier.stats.pending_kills = len(self)
         self.start()
 
-    def drain(self, max_chunks: int | None = None) -> bool:
+    async def drain(self, max_chunks: int | None = None) -> bool:
         """Apply owed kills (or the namespace drop), one drainer at a time, in chunks; True when none is left.
 
         A caller that finds another drain under way does not wait for it: it answers False (this process
@@ -83,7 +80,7 @@ class OwedKills:
         try:
             self.outage = False
             tier = self.tier
-            if self.keys and tier.refusing and not tier.probe_writes():
+            if self.keys and tier.refusing and not await tier.probe_writes():
                 return False
             chunks = 0
             while max_chunks is None or chunks < max_chunks:
@@ -98,9 +95,9 @@ class OwedKills:
                     return False
                 try:
                     if drop:
-                        tier.flush_namespace()
+                        await tier.flush_namespace()
                     else:
-                        tier.kill_or_raise(owed)
+                        await tier.kill_or_raise(owed)
                 except RedisError as exc:
                     self.outage = classify(exc).outage
                     return False
@@ -119,27 +116,34 @@ class OwedKills:
             self.drain_lock.release()
 
     def start(self) -> None:
-        """Start the drainer thread unless it runs (after a fork it does not: started again on demand)."""
+        """Start the drainer unless it runs (after a fork it does not: started again on demand)."""
         with self.lock:
             if self._closed.is_set() or (self._drainer is not None and self._drainer.is_alive()):
                 return
-            self._drainer = threading.Thread(target=self._loop, name="tiered_cache-kills", daemon=True)
-            self._drainer.start()
+            self._drainer = AWorker(self._loop, name="tiered_cache-kills")
 
-    def _loop(self) -> None:
+    async def _loop(self) -> None:
         """Answered refusals retry on a short fixed cadence; outages back off to 1 s."""
         delay = ANSWERED_CADENCE
         while not self._closed.is_set():
-            if self.drain():
+            if await self.drain():
                 return
             if self.outage:
-                self._closed.wait(delay)
+                await await_event(self._closed, delay)
                 delay = min(delay * 2, OUTAGE_BACKOFF)
             else:
                 delay = ANSWERED_CADENCE
-                self._closed.wait(delay)
+                await await_event(self._closed, delay)
 
-    def close(self) -> None:
-        """Try the owed kills once more, then stop the drainer."""
-        self.drain()
+    @property
+    def draining(self) -> bool:
+        """The background drainer is running."""
+        return self._drainer is not None and self._drainer.is_alive()
+
+    async def close(self) -> None:
+        """Try the owed kills once more, then stop the drainer (waiting CLOSE_JOIN at most)."""
+        await self.drain()
         self._closed.set()
+        drainer = self._drainer
+        if drainer is not None:
+            await drainer.join(CLOSE_JOIN)

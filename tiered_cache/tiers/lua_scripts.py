@@ -1,15 +1,10 @@
-"""The Lua scripts of the Redis tier and how commands reach Redis: EVALSHA (loaded again on NOSCRIPT), pipelines."""
+"""The Lua scripts of the Redis tier, as text and SHA1: shared by the sync and async tiers (pure, no I/O)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import redis
-
-from ..policy.failures import NOSCRIPT, classify
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
@@ -108,47 +103,3 @@ KILL_SCRIPT, WRITE_THROUGH_SCRIPT, FILL_SCRIPT, RELEASE_SCRIPT = (
 
 
 Command = tuple["Script | str", tuple[Any, ...]]
-
-
-def evalsha(client: redis.Redis, script: Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
-    """EVALSHA, loading the script once if Redis lost it (SCRIPT FLUSH, restart)."""
-    keys = tuple(keys)
-    try:
-        return client.evalsha(script.sha, len(keys), *keys, *args)
-    except redis.RedisError as exc:
-        if classify(exc) is not NOSCRIPT:
-            raise
-        client.script_load(script.text)
-        return client.evalsha(script.sha, len(keys), *keys, *args)
-
-
-def run_pipeline(client: redis.Redis, commands: list[Command], *, strict: bool = False) -> list[Any]:
-    """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent.
-
-    An error answer about the whole of Redis (a refusal: READONLY, BUSY, ...) raises; strict: any error
-    answer raises, so a kill is confirmed only by a real answer. Other errors stay in place.
-    """
-    results = send(client, commands)
-    lost = [i for i, r in enumerate(results) if isinstance(r, Exception) and classify(r) is NOSCRIPT]
-    if lost:
-        for script in {commands[i][0] for i in lost if isinstance(commands[i][0], Script)}:
-            client.script_load(script.text)  # type: ignore[union-attr]
-        again = send(client, [commands[i] for i in lost])
-        for i, r in zip(lost, again):
-            results[i] = r
-    for r in results:
-        if isinstance(r, Exception) and (strict or classify(r).refusing):
-            raise r
-    return results
-
-
-def send(client: redis.Redis, commands: list[Command]) -> list[Any]:
-    """One pipeline, no MULTI (every command is atomic by itself), errors returned in place."""
-    pipe = client.pipeline(transaction=False)
-    for command, args in commands:
-        if isinstance(command, Script):
-            keys, argv = args
-            pipe.evalsha(command.sha, len(keys), *keys, *argv)
-        else:
-            pipe.execute_command(command, *args)
-    return pipe.execute(raise_on_error=False)

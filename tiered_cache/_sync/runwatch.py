@@ -1,3 +1,4 @@
+# Generated from tiered_cache/_async/runwatch.py by tools/async_to_sync.py: do not edit; edit the source and run it again.
 """Dropping a namespace, and the restart watch that does it when Redis restarted or failed over."""
 
 from __future__ import annotations
@@ -5,11 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from .. import _fork
+from .._acompat import Lock
 from ..policy.keys import namespace_pattern
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class RunWatch:
     that kills had removed since: the namespaces of every tier on this client are dropped first, and a
     flush announced, so nothing from the old run is served. A failed flush fails the connection; the next
     one tries again. Other new connections wait for it (one lock), old ones died with the old run.
+    Pass it through callback() (redis_client does): redis.asyncio awaits only what looks like a coroutine function.
     """
 
     _RUN_ID = re.compile(rb"run_id:([0-9a-fA-F]+)")
@@ -48,12 +50,12 @@ class RunWatch:
         self.namespaces: set[str] = set()
         self.channels: set[str] = set()
         self.restarts = 0
-        self._lock = threading.Lock()
+        self._lock = Lock()
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
         """A connection thread of the parent may have held the lock at fork time: the child takes a new one."""
-        self._lock = threading.Lock()
+        self._lock = Lock()
 
     def watch(self, namespace: str, channel: str) -> None:
         """A tier on this client: its keys are dropped, and its listeners told, after a restart."""

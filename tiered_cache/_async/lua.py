@@ -1,0 +1,56 @@
+"""How commands reach Redis: EVALSHA (loaded again on NOSCRIPT) and pipelines; the scripts are tiers/lua_scripts.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..policy.failures import NOSCRIPT, classify
+from ..tiers.lua_scripts import Command, Script
+
+
+async def evalsha(client: aioredis.Redis, script: Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
+    """EVALSHA, loading the script once if Redis lost it (SCRIPT FLUSH, restart)."""
+    keys = tuple(keys)
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except RedisError as exc:
+        if classify(exc) is not NOSCRIPT:
+            raise
+        await client.script_load(script.text)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def run_pipeline(client: aioredis.Redis, commands: list[Command], *, strict: bool = False) -> list[Any]:
+    """Run commands in one round trip; scripts Redis lost are loaded and their commands re-sent.
+
+    An error answer about the whole of Redis (a refusal: READONLY, BUSY, ...) raises; strict: any error
+    answer raises, so a kill is confirmed only by a real answer. Other errors stay in place.
+    """
+    results = await send(client, commands)
+    lost = [i for i, r in enumerate(results) if isinstance(r, Exception) and classify(r) is NOSCRIPT]
+    if lost:
+        for script in {commands[i][0] for i in lost if isinstance(commands[i][0], Script)}:
+            await client.script_load(script.text)  # type: ignore[union-attr]
+        again = await send(client, [commands[i] for i in lost])
+        for i, r in zip(lost, again):
+            results[i] = r
+    for r in results:
+        if isinstance(r, Exception) and (strict or classify(r).refusing):
+            raise r
+    return results
+
+
+async def send(client: aioredis.Redis, commands: list[Command]) -> list[Any]:
+    """One pipeline, no MULTI (every command is atomic by itself), errors returned in place."""
+    pipe = client.pipeline(transaction=False)
+    for command, args in commands:
+        if isinstance(command, Script):
+            keys, argv = args
+            pipe.evalsha(command.sha, len(keys), *keys, *argv)
+        else:
+            pipe.execute_command(command, *args)
+    return await pipe.execute(raise_on_error=False)
