@@ -113,10 +113,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 @pytest.fixture
-def cache(dsn: str, redis_url: str) -> Iterator[TieredCache]:
-    """A TieredCache over the emptied database and the flushed redis-server."""
-    with TieredCache.connect(dsn, redis_url) as c:
-        yield c
+def cache(dsn: str, redis_url: str, make_cache: Callable[..., TieredCache]) -> TieredCache:
+    """A TieredCache (or, parametrized, an AsyncTieredCache behind a blocking view) over emptied servers."""
+    return make_cache(dsn, redis_url)
 
 
 # -- one test source, both APIs ---------------------------------------------------------------------

@@ -18,6 +18,8 @@ import multiprocessing
 import os
 import random
 import shutil
+import tempfile
+from pathlib import Path
 import socket
 import threading
 import time
@@ -431,11 +433,13 @@ class Refusal:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["READONLY", "MISCONF", "NOREPLICAS"])
 def test_writes_refused_reads_served_old_row_is_served_only_within_the_probe_bound(
-        kind: str, dsn: str, tmp_path: Any, figure: Callable[[str], None]) -> None:
+        kind: str, dsn: str, request: pytest.FixtureRequest, figure: Callable[[str], None]) -> None:
     """Redis refuses every write (the kill too) but serves reads: each reader stops serving its entries within
     PROBE_INTERVAL (+ slack) of the write's return, in this process and in another; the writer at once."""
-    rdb_dir = tmp_path / "rdb"
-    rdb_dir.mkdir()
+    # Not under tmp_path: as root the server runs as an unprivileged user, who cannot enter pytest's 0700 dirs.
+    rdb_dir = Path(tempfile.mkdtemp(prefix="tc-rdb-"))
+    rdb_dir.chmod(0o777)
+    request.addfinalizer(lambda: shutil.rmtree(rdb_dir, ignore_errors=True))
     episodes, before, after = 3, (0.2, 0.6), 2.5
     with RedisServer(extra_args=("--dir", str(rdb_dir))) as rs, remote_readers(dsn, rs.url, 3) as remote:
         admin = admin_of(rs)

@@ -1,5 +1,7 @@
 """tiered_cache: a read-through cache for AI results, near cache -> Redis -> PostgreSQL."""
 
+from ._async.client import async_redis_client
+from ._async.facade import AsyncTieredCache
 from ._async.store import AsyncPostgresStore
 from .errors import (
     Closed,
@@ -17,6 +19,7 @@ from .tiers.postgres import PostgresStore, SweepReport
 
 __all__ = [
     "AsyncPostgresStore",
+    "AsyncTieredCache",
     "DEFAULT_EXPIRY_DAYS",
     "Closed",
     "ConfigurationError",
@@ -29,6 +32,7 @@ __all__ = [
     "SweepReport",
     "TieredCache",
     "TieredCacheError",
+    "async_redis_client",
     "migrate",
     "redis_client",
 ]

@@ -51,6 +51,11 @@ def wait_event(event: threading.Event, timeout: float) -> bool:
     return event.wait(timeout)
 
 
+def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a blocking function (joining a thread) here and now: the sync API may block."""
+    return fn(*args)
+
+
 # -- async -----------------------------------------------------------------------------------------
 
 asleep = asyncio.sleep
@@ -97,3 +102,8 @@ async def await_event(event: asyncio.Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+async def arun_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a blocking function (joining a thread) in a worker thread, so the event loop keeps running."""
+    return await asyncio.to_thread(fn, *args)

@@ -14,6 +14,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from ._sync_client import sync_connection
 from .tiers.near import NearTier
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class CoherenceListener:
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
                  gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
         source = client.connection_pool
-        self._connection_class = source.connection_class
-        self._connection_kwargs = dict(source.connection_kwargs)
+        # A thread of its own on sync connections, whichever API the caches use (see _sync_client).
+        self._connection_class, self._connection_kwargs = sync_connection(client)
         # A pub/sub read waits for messages, not for an answer.
         self._connection_kwargs["socket_timeout"] = max(1.0, poll * 5)
         self._client = self._new_client()

@@ -43,10 +43,32 @@ class Health:
 
 def health(cache: Any, *, max_relay_lag: float = 5.0) -> Health:
     """Probe every part of `cache` once; costs one PostgreSQL round trip, one Redis PING and, with a relay, one query."""
-    checks: dict[str, Check] = {}
-    checks["postgres"] = _timed(cache.store.ping)
+    relay = getattr(cache, "relay", None)
+    lag = _lag(relay) if relay is not None else None
+    return _verdict(cache, _timed(cache.store.ping), _timed(cache.redis.client.ping), lag, max_relay_lag)
+
+
+async def ahealth(cache: Any, *, max_relay_lag: float = 5.0) -> Health:
+    """health() for AsyncTieredCache: the probes are awaited, the relay's lag query runs in a worker thread."""
+    import asyncio
+
+    relay = getattr(cache, "relay", None)
+    lag = await asyncio.to_thread(_lag, relay) if relay is not None else None
+    return _verdict(cache, await _atimed(cache.store.ping), await _atimed(cache.redis.client.ping), lag, max_relay_lag)
+
+
+def _lag(relay: Any) -> Any:
+    """The relay's (backlog, age), or the exception that prevented knowing it."""
+    try:
+        return relay.lag()
+    except Exception as exc:  # the lag query failed: the relay cannot be vouched for
+        return exc
+
+
+def _verdict(cache: Any, pg: Check, ping: Check, lag: Any, max_relay_lag: float) -> Health:
+    """Every part's check and the overall answer, from probes already made."""
+    checks: dict[str, Check] = {"postgres": pg}
     redis_tier = cache.redis
-    ping = _timed(redis_tier.client.ping)
     state = redis_tier.breaker.state
     if ping.status == OK and state != "closed":
         ping = Check(DEGRADED, f"breaker {state}", ping.seconds)
@@ -57,16 +79,13 @@ def health(cache: Any, *, max_relay_lag: float = 5.0) -> Health:
     if listener is not None:
         subscribed = listener.subscribed.is_set()
         checks["listener"] = Check(OK if subscribed else DEGRADED, "" if subscribed else "not subscribed: near tier off")
-    relay = getattr(cache, "relay", None)
-    if relay is not None:
-        try:
-            backlog, age = relay.lag()
-        except Exception as exc:  # the lag query failed: the relay cannot be vouched for
-            checks["relay"] = Check(DEGRADED, type(exc).__name__)
-        else:
-            late = age > max_relay_lag
-            checks["relay"] = Check(DEGRADED if late else OK, f"oldest change over {max_relay_lag:g} s" if late else "",
-                                    round(age, 3), backlog)
+    if isinstance(lag, Exception):
+        checks["relay"] = Check(DEGRADED, type(lag).__name__)
+    elif lag is not None:
+        backlog, age = lag
+        late = age > max_relay_lag
+        checks["relay"] = Check(DEGRADED if late else OK, f"oldest change over {max_relay_lag:g} s" if late else "",
+                                round(age, 3), backlog)
     if checks["postgres"].status != OK:
         status = DOWN
     elif any(c.status != OK for c in checks.values()):
@@ -74,6 +93,16 @@ def health(cache: Any, *, max_relay_lag: float = 5.0) -> Health:
     else:
         status = OK
     return Health(status, checks)
+
+
+async def _atimed(probe: Any) -> Check:
+    """_timed for a coroutine probe."""
+    start = time.perf_counter()
+    try:
+        await probe()
+    except Exception as exc:
+        return Check(DOWN, type(exc).__name__, round(time.perf_counter() - start, 4))
+    return Check(OK, seconds=round(time.perf_counter() - start, 4))
 
 
 def _timed(probe: Any) -> Check:

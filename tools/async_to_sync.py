@@ -41,6 +41,8 @@ NAMES = {
     "AEvent": "Event",
     "AWorker": "Worker",
     "await_event": "wait_event",
+    "arun_blocking": "run_blocking",
+    "ahealth": "health",
     "ALock": "Lock",
     "aopen_pool": "open_pool",
     # tiered_cache/tiers/_store_shared.py: callables the async store awaits

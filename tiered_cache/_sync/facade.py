@@ -1,0 +1,327 @@
+# Generated from tiered_cache/_async/facade.py by tools/async_to_sync.py: do not edit; edit the source and run it again.
+"""TieredCache: the one object callers use; the only module that knows the order of the tiers.
+
+Hand-written async source; tools/async_to_sync.py generates the sync TieredCache from it. Background work
+(the coherence listener, the relay) runs in threads shared by both APIs, so announcements keep being
+applied while an event loop is busy; the owed-kill drainer is a task here and a thread in the sync twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from .._acompat import run_blocking
+from .._near_registry import REGISTRY
+from .._sync_client import relay_tier
+from ..coherence import CoherenceListener
+from ..contracts import DOWN, MISS, Key, Row
+from ..errors import Closed, ConfigurationError
+from ..observe import tracing
+from ..policy.breaker import CircuitBreaker
+from ..policy.entries import decode, encode, encode_entry
+from ..policy.keys import KeySet, KeySpace
+from ..relay import Relay
+from ..tiers.near import NearTier, check_bounds, history_key
+from .client import redis_client
+from .redis_tier import RedisTier
+from .store import PostgresStore
+from .writes import CacheWrites
+
+logger = logging.getLogger("tiered_cache.facade")
+
+_ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
+
+_STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
+                            "min_size", "max_size", "pool_timeout", "connect_timeout"})
+_TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed"})
+
+
+class TieredCache(CacheWrites):
+    """Same methods and return shapes as PostgresStore, served from Redis when it can be, never stale after a write."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        redis_client: Any,
+        *,
+        namespace: str = "tc",
+        negative_ttl: float = 10.0,
+        no_expiry_ttl: float = 3600.0,
+        history_ttl: float = 3600.0,
+        lease_ttl: float = 5.0,
+        breaker_threshold: int = 2,
+        breaker_reset: float = 1.0,
+        near_max_entries: int = 0,
+        near_max_bytes: int = 64 << 20,
+        near_max_age: float = 2.0,
+        relay: bool = False,
+        owns_clients: bool = False,
+        metrics: Any = None,
+        **tier_options: Any,
+    ) -> None:
+        for option, value in (("negative_ttl", negative_ttl), ("no_expiry_ttl", no_expiry_ttl),
+                              ("history_ttl", history_ttl), ("lease_ttl", lease_ttl)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.001:
+                raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
+        unknown = set(tier_options) - _TIER_OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        self.store = store
+        #: Told of every public call (tiered_cache.metrics.TieredCacheMetrics, or anything with its observe_call).
+        self.metrics = metrics
+        self.keys = KeySpace(namespace)
+        self.redis = RedisTier(redis_client, self.keys, negative_ttl=negative_ttl, no_expiry_ttl=no_expiry_ttl,
+                                    history_ttl=history_ttl, lease_ttl=lease_ttl,
+                                    breaker=CircuitBreaker(breaker_threshold, breaker_reset), **tier_options)
+        self._owns_clients = owns_clients
+        self._entries: dict[Key, str] = {}
+        self._redis_client = redis_client
+        bounds = (near_max_entries, near_max_bytes, near_max_age) if near_max_entries else None
+        if bounds is not None:
+            check_bounds(*bounds)  # before the relay starts: joining the registry cannot fail after it
+        # The relay is a thread with a sync tier of its own on the same Redis (the sync API shares its tier).
+        self.relay: Relay | None = Relay(store.dsn, relay_tier(self.redis)).start() if relay else None
+        # The process's near tier and listener for this Redis and namespace (see _near_registry).
+        self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
+        self.near: NearTier | None = self._share.near
+        self.listener: CoherenceListener | None = self._share.listener
+
+    @classmethod
+    def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
+                      **options: Any) -> TieredCache:
+        """Build the store and a bounded Redis client from a DSN and a URL; options go to whichever takes them."""
+        store_options = {k: options.pop(k) for k in list(options) if k in _STORE_OPTIONS}
+        store = PostgresStore.connect(dsn, **store_options)
+        try:
+            return cls(store, redis_client(redis_url, timeout=redis_timeout), owns_clients=True, **options)
+        except BaseException:
+            store.close()
+            raise
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _entry(self, cache_type: object, site_id: object, target_id: object) -> tuple[Key, str]:
+        """The validated key and its entry key; memoized for exact str/int/str, so a hot key costs a dict lookup."""
+        if type(site_id) is int and type(cache_type) is str and type(target_id) is str:
+            key = (cache_type, site_id, target_id)
+            entry = self._entries.get(key)
+            if entry is not None:
+                return key, entry
+        key = self.store.validate_key(cache_type, site_id, target_id)
+        entry = self.keys.entry(*key)
+        if len(self._entries) >= _ENTRY_MEMO:
+            self._entries.clear()
+        self._entries[key] = entry
+        return key, entry
+
+    def _entries_many(
+        self, cache_type: object, site_id: object, target_ids: object
+    ) -> tuple[str, int, list[str], list[str]]:
+        """get_many's validated arguments and entry keys; a board page of known keys costs dict lookups."""
+        memo = self._entries
+        if type(site_id) is int and type(cache_type) is str and type(target_ids) in (list, tuple):
+            entries = [memo.get((cache_type, site_id, t)) if type(t) is str else None for t in target_ids]
+            if None not in entries and len(entries) <= self.store.limits.max_many:
+                if len(set(entries)) == len(entries):
+                    return cache_type, site_id, list(target_ids), entries  # type: ignore[return-value]
+                unique = dict.fromkeys(zip(target_ids, entries))
+                return cache_type, site_id, [t for t, _ in unique], [e for _, e in unique]  # type: ignore[misc]
+        ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
+        return ct, site, ids, [self._entry(ct, site, t)[1] for t in ids]
+
+    def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
+        """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
+        if self.metrics is None and not tracing():
+            return (self._get_latest(cache_type, site_id, target_id))[0]
+        return self._observed("get_latest", self._get_latest, cache_type, site_id, target_id)
+
+    def _get_latest(self, cache_type: str, site_id: int, target_id: str) -> tuple[Row | None, str, str]:
+        key, entry = self._entry(cache_type, site_id, target_id)
+        near = self.near
+        if near is not None:
+            found = near.get(entry)
+            if found is not MISS:
+                return found, "near", "hit"
+            epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
+        raw = self.redis.get_raw(entry)
+        if raw is not MISS and raw is not DOWN:
+            row = decode(raw)
+            if near is not None:
+                near.put(entry, raw, row, epoch, started=started)
+            return row, "redis", "hit"
+        ks = self.keys.keyset(*key) if raw is MISS else None
+        token = self.redis.lease(ks.lease) if ks is not None else None
+        row = self.store.get_latest(*key)
+        if token is not None or near is not None:
+            value = encode_entry(row)
+            if token is not None:
+                self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
+            if near is not None and raw is not DOWN:
+                near.put(entry, value, row, epoch, started=started)
+        return row, "postgres", "miss" if raw is MISS else "bypass"
+
+    def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
+        """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
+        if self.metrics is None and not tracing():
+            return (self._get_many(cache_type, site_id, target_ids))[0]
+        return self._observed("get_many", self._get_many, cache_type, site_id, target_ids)
+
+    def _get_many(self, cache_type: str, site_id: int,
+                        target_ids: Sequence[str]) -> tuple[dict[str, Row | None], str, str]:
+        """Answered by the lowest tier any target needed."""
+        ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
+        if not ids:
+            return {}, "none", "ok"
+        found: dict[str, Row | None] = {}
+        near = self.near
+        if near is not None:
+            epoch, started = near.epoch, near.timer()
+            ask = []
+            for target, entry in zip(ids, entries):
+                value = near.get(entry)
+                if value is MISS:
+                    ask.append((target, entry))
+                else:
+                    found[target] = value
+            if not ask:
+                return found, "near", "hit"
+        else:
+            ask = list(zip(ids, entries))
+        raws = self.redis.get_raws([entry for _, entry in ask])
+        if raws is DOWN:
+            found.update(self.store.fetch_many(ct, site, [t for t, _ in ask]))
+            return {t: found[t] for t in ids}, "postgres", "bypass"
+        missing: list[tuple[str, str]] = []
+        for (target, entry), raw in zip(ask, raws):
+            if raw is MISS:
+                missing.append((target, entry))
+                continue
+            row = found[target] = decode(raw)
+            if near is not None:
+                near.put(entry, raw, row, epoch, started=started)
+        if not missing:
+            return {t: found[t] for t in ids}, "redis", "hit"
+        keysets = [self.keys.keyset(ct, site, t) for t, _ in missing]
+        tokens = self.redis.leases([ks.lease for ks in keysets])
+        rows = self.store.fetch_many(ct, site, [t for t, _ in missing])
+        fills = []
+        for (target, entry), ks, token in zip(missing, keysets, tokens):
+            row = found[target] = rows[target]
+            value = encode_entry(row)
+            if token is not None:
+                fills.append((ks, token, value, row))
+            if near is not None:
+                near.put(entry, value, row, epoch, started=started)
+        if fills:
+            self.redis.fill_entries(fills)
+        return {t: found[t] for t in ids}, "postgres", "miss"
+
+    def get_history(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> list[Row]:
+        """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
+        return self._observed("get_history", self._get_history, cache_type, site_id, target_id, limit)
+
+    def _get_history(self, cache_type: str, site_id: int, target_id: str,
+                           limit: int) -> tuple[list[Row], str, str]:
+        key, entry = self._entry(cache_type, site_id, target_id)
+        limit = self.store.validate_limit(limit)
+        near = self.near
+        if near is not None:
+            found = near.get(history_key(entry, limit))
+            if found is not MISS:
+                return found, "near", "hit"
+            epoch, started = near.epoch, near.timer()
+        ks = self.keys.keyset(*key)
+        raw = self.redis.get_history(ks, limit)
+        if raw is not MISS and raw is not DOWN:
+            if near is not None:
+                near.put_history(entry, limit, raw, epoch, started)
+            return decode(raw), "redis", "hit"
+        token = self.redis.lease(ks.history_lease) if raw is MISS else None
+        rows = self.store.get_history(*key, limit=limit)
+        if token is not None or (near is not None and raw is not DOWN):
+            value = encode(rows)
+            if token is not None:
+                self.redis.fill_history(ks, token, limit, value)
+            if near is not None and raw is not DOWN:
+                near.put_history(entry, limit, value, epoch, started)
+        return rows, "postgres", "miss" if raw is MISS else "bypass"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def keyset(self, cache_type: str, site_id: int, target_id: str) -> KeySet:
+        """The Redis keys of one cache key (for tools and tests)."""
+        return self.keys.keyset(*self.store.validate_key(cache_type, site_id, target_id))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters of every tier and background worker, for metrics export."""
+        from dataclasses import asdict
+
+        out = {"redis": asdict(self.redis.stats)}
+        out["redis"]["breaker_trips"] = self.redis.breaker.trips
+        if self.near is not None:
+            out["near"] = {**asdict(self.near.stats), "entries": len(self.near), "bytes": self.near.size_bytes}
+        if self.listener is not None:
+            out["listener"] = asdict(self.listener.stats)
+        if self.relay is not None:
+            out["relay"] = asdict(self.relay.stats)
+        return out
+
+    def health(self, **options: Any) -> Any:
+        """Readiness: each tier reachable, listener subscribed, relay lag, owed kills (see tiered_cache.health)."""
+        from ..health import health
+
+        return health(self, **options)
+
+    def close(self) -> None:
+        """Stop background work; close the pool and client if connect() made them. Every later call raises Closed."""
+        self.__class__ = _closed_class(type(self))  # first: no call of this object sends anything from now on
+        sync = getattr(self.metrics, "sync", None)
+        if sync is not None:
+            sync(self)  # the last counts, before this cache goes
+        if self.relay is not None:
+            run_blocking(self.relay.stop)  # joins a thread: off the event loop
+        run_blocking(self._share.leave)  # the last cache on this near tier stops its listener
+        self.redis.close()
+        if self._owns_clients:
+            self.store.close()
+            self._redis_client.close()
+            self._redis_client.connection_pool.disconnect()  # close() leaves a passed-in pool open
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _refused(name: str) -> Any:
+    def refuse(self: TieredCache, *args: Any, **kwargs: Any) -> Any:
+        raise Closed(f"{type(self).__mro__[1].__name__}.{name}: the cache is closed; nothing was sent")
+
+    refuse.__name__ = name
+    return refuse
+
+
+def _refused_now(name: str) -> Any:
+    def refuse(self: TieredCache, *args: Any, **kwargs: Any) -> Any:
+        raise Closed(f"{type(self).__mro__[1].__name__}.{name}: the cache is closed; nothing was sent")
+
+    refuse.__name__ = name
+    return refuse
+
+
+def _closed_noop(self: Any) -> None:
+    """close() of a closed cache: nothing to do."""
+
+
+@functools.cache
+def _closed_class(cls: type) -> type:
+    """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
+    calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
+             "invalidate", "invalidate_site", "health")
+    return type(f"Closed{cls.__name__}", (cls,), {"close": _closed_noop, "keyset": _refused_now("keyset"),
+                                                  **{n: _refused(n) for n in calls}})
