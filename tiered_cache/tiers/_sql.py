@@ -81,14 +81,14 @@ WITH upd AS (
 SELECT count(*), pg_current_xact_id()::text FROM upd
 """
 
-# Every key that had a valid row in this statement's snapshot is returned (count 0 when a concurrent
-# invalidation got to its rows first): the caller drops them all, so it reads its own invalidation
-# even while that other invalidation has not reached Redis yet.
+# Every key of the site (and type) that has a row is returned, count 0 where nothing was valid: the caller
+# drops them all. A key another writer invalidated just before us (committed, its kill still in flight)
+# has no valid row left for us to see, yet Redis may still hold its old entry: after this returns, this
+# process must not read that entry, so keys without a valid row are dropped too.
 INVALIDATE_SITE = """
 WITH before AS (
     SELECT DISTINCT cache_type, target_id FROM biz.ai_cache
     WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
-      AND (status = 'valid' OR status IS NULL)
 ), upd AS (
     UPDATE biz.ai_cache SET status = 'invalidated'
     WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
