@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tiered_cache import PostgresStore, TieredCache, migrate
-from tiered_cache.testing import PostgresServer, RedisServer
+from tiered_cache.testing import PostgresServer, RedisServer, empty_tables
 
 
 @pytest.fixture(scope="session")
@@ -37,18 +37,8 @@ def migrated_dsn(pg_server: PostgresServer) -> str:
 
 
 def _reset_tables(dsn: str) -> None:
-    """Empty every table the library writes, so each test starts from nothing."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        tables = [
-            r[0]
-            for r in conn.execute(
-                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
-                "WHERE schemaname = 'biz' AND tablename <> 'tiered_cache_migrations'"
-            )
-        ]
-        # As a replica: the truncate must not itself record a change for the relay.
-        conn.execute("SET session_replication_role = replica")
-        conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    """Empty every table the library writes, so each test starts from nothing (the plugin's own reset)."""
+    empty_tables(dsn)
 
 
 @pytest.fixture
