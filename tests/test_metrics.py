@@ -580,9 +580,9 @@ def test_steady_state_is_quiet_at_info(near_cache: TieredCache, caplog: pytest.L
 
 def _tiers_log_events() -> bool:
     import tiered_cache.relay
-    import tiered_cache.tiers.redis
+    import tiered_cache._sync.redis_tier
 
-    return hasattr(tiered_cache.tiers.redis, "observe") and hasattr(Relay("", RedisTier(redis_client("redis://127.0.0.1:1"),
+    return hasattr(tiered_cache._sync.redis_tier, "observe") and hasattr(Relay("", RedisTier(redis_client("redis://127.0.0.1:1"),
                                                                                            KeySpace("tc"))), "on_delay")
 
 

@@ -14,6 +14,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from . import observe
 from ._sync_client import sync_connection
 from .tiers.near import NearTier
 
@@ -102,6 +103,8 @@ class CoherenceListener:
         near.poll_announcements = self.poll_now
         self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
         self.subscribed = threading.Event()
+        self.namespace = channel.rsplit(":", 1)[0]  # for log records
+        self._lost_since = observe.Episode()
 
     def _new_client(self) -> redis.Redis:
         pool = redis.ConnectionPool(connection_class=self._connection_class, max_connections=2,
@@ -139,6 +142,7 @@ class CoherenceListener:
             run_id = None
         if self._run_id is not None and run_id != self._run_id:
             self.stats.restarts_seen += 1
+            observe.near_flushed(self.namespace, "restart")
         self._run_id = run_id
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
         self._pubsub.subscribe(self.channel)
@@ -160,6 +164,9 @@ class CoherenceListener:
         self._poller, self._fd = poller, fd
         self.near.active = True
         self.subscribed.set()
+        seconds = self._lost_since.end()
+        if seconds is not None:
+            observe.listener_resubscribed(self.namespace, seconds)
 
     def _lost(self) -> None:
         """The listener cannot vouch for the near tier any more: switch it off and empty it."""
@@ -182,6 +189,7 @@ class CoherenceListener:
         self.stats.messages += 1
         if key == "*":
             self.near.flush()
+            observe.near_flushed(self.namespace, "announced")
         elif key:  # an empty key only carries the sequence number (a kill the relay could skip)
             self.near.evict(key)
         now = time.monotonic() if now is None else now
@@ -207,6 +215,7 @@ class CoherenceListener:
                     del self._holes[publisher]
                     self.stats.gaps += 1
                     self.near.flush()
+                    observe.near_flushed(self.namespace, "gap")
         publishers = self._publishers
         while publishers:
             publisher, state = next(iter(publishers.items()))
@@ -268,7 +277,9 @@ class CoherenceListener:
                 self._poller.poll(self.poll * 1000)  # wait without the lock (and without the GIL)
             except (RedisError, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
-                logger.info("coherence listener: %s: %s; near tier flushed and off until resubscribed", type(exc).__name__, exc)
+                if self._lost_since.begin():
+                    observe.listener_lost(self.namespace, type(exc).__name__)
+                logger.debug("coherence listener: %s: %s; near tier flushed and off until resubscribed", type(exc).__name__, exc)
                 with self._lock:
                     self._lost()
                 self._stop.wait(backoff)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import psycopg
 from redis.exceptions import RedisError
 
 from . import _fork
+from ._sync_client import relay_tier
 from .policy.keys import KeySpace
 from .tiers.postgres import TCP_TIMEOUTS
 from .tiers.redis import RedisTier
@@ -22,8 +24,9 @@ CHANNEL = "tiered_cache_changes"
 
 # SKIP LOCKED: several relays split the backlog instead of queueing behind each other.
 _CLAIM = """
-SELECT seq, cache_type, site_id, target_id, txid::text FROM biz.ai_cache_changes
-ORDER BY seq LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+SELECT seq, cache_type, site_id, target_id, txid::text,
+       EXTRACT(EPOCH FROM clock_timestamp() - changed_at)::float8
+FROM biz.ai_cache_changes ORDER BY seq LIMIT %(batch)s FOR UPDATE SKIP LOCKED
 """
 _PRUNE = "DELETE FROM biz.ai_cache_changes WHERE seq = ANY(%(seqs)s)"
 _RECORD = """
@@ -67,13 +70,15 @@ class Relay:
         connect_timeout: int = 3,
     ) -> None:
         self.dsn = dsn
-        self.redis = redis_tier
+        self.redis = relay_tier(redis_tier)  # this thread's sync tier (an async cache's relay gets one of its own)
         self.keys: KeySpace = redis_tier.keys
         self.name = name
         self.batch = batch
         self.poll_interval = poll_interval
         self.connect_timeout = connect_timeout
         self.stats = RelayStats()
+        #: Told each batch's commit-to-Redis delay in seconds (tiered_cache.metrics sets it).
+        self.on_delay: Callable[[float], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
@@ -91,14 +96,15 @@ class Relay:
         conn = self._connect()
         with conn.transaction():
             rows = conn.execute(_CLAIM, {"batch": self.batch}).fetchall()
+            claimed = time.monotonic()
             if not rows:
                 return 0
-            if any(ct is None for _, ct, _, _, _ in rows):
+            if any(row[1] is None for row in rows):
                 self.redis.flush_namespace()
                 self.stats.flushes += 1
             # Per key, the transactions that changed it; one alone may have stored its own new state.
             changes: dict[tuple[str, int, str], set[str]] = {}
-            for _, ct, site, target, txid in rows:
+            for _, ct, site, target, txid, _ in rows:
                 if ct is not None:
                     changes.setdefault((ct, site, target), set()).add(txid or "")
             if changes:
@@ -106,7 +112,9 @@ class Relay:
                 txids = [next(iter(t)) if len(t) == 1 else "" for t in changes.values()]
                 results = self.redis.kill_or_raise(keysets, txids=txids)  # raises: the rows stay for the next try
                 self.stats.spared += sum(1 for r in results if r == 0)
-            seqs = [seq for seq, _, _, _, _ in rows]
+            if self.on_delay is not None:  # Redis has confirmed: the oldest change of the batch is visible now
+                self.on_delay(max(row[5] for row in rows) + time.monotonic() - claimed)
+            seqs = [row[0] for row in rows]
             conn.execute(_PRUNE, {"seqs": seqs})
             conn.execute(_RECORD, {"relay": self.name, "last": max(seqs), "n": len(seqs)})
         self.stats.batches += 1

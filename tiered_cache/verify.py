@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._sync_client import relay_tier
 from .contracts import DOWN, MISS
 from .errors import ConfigurationError, StoreUnavailable
 from .facade import TieredCache
@@ -41,7 +42,7 @@ class VerifyReport:
 
 def verify(cache: TieredCache, *, sample: int = 1000, seed: int | None = None) -> VerifyReport:
     """Compare sampled Redis entries with PostgreSQL; a mismatch is re-read once, since a write may race the check."""
-    client = cache.redis.client
+    client = relay_tier(cache.redis).client  # a sync client, whichever API the cache is
     entries: list[str] = []
     for key in client.scan_iter(match=cache.keys.namespace + ":e:*", count=1000):
         entries.append(key.decode() if isinstance(key, bytes) else key)

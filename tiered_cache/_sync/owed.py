@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from .. import observe
+
 from .._acompat import Event, Worker, wait_event
 from ..policy.failures import classify
 from ..policy.keys import KeySet
@@ -67,7 +69,9 @@ class OwedKills:
                 self.tier.stats.owed_overflows += 1
                 logger.warning("redis tier: more than %d kills owed; the namespace %r will be dropped once Redis "
                                "answers", self.limit, self.tier.keys.namespace)
-            self.tier.stats.pending_kills = len(self)
+            owed = self.tier.stats.pending_kills = len(self)
+        if self.tier._owing.begin(owed):
+            observe.kills_owed(self.tier.keys.namespace, owed)
         self.start()
 
     def drain(self, max_chunks: int | None = None) -> bool:
@@ -112,6 +116,11 @@ class OwedKills:
                             if self.keys.get(ks.entry) is ks:
                                 del self.keys[ks.entry]
                     self.tier.stats.pending_kills = len(self)
+                    drained = not self.keys
+                if drained:
+                    seconds = self.tier._owing.end()
+                    if seconds is not None:
+                        observe.kills_drained(self.tier.keys.namespace, self.tier._owing.peak, seconds)
             return not self.keys
         finally:
             self.drain_lock.release()

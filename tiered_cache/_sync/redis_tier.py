@@ -42,10 +42,10 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from .. import _fork
+from .. import _fork, observe
 from ..contracts import DOWN, MISS, Row
 from ..errors import ConfigurationError
-from ..policy.breaker import CLOSED, CircuitBreaker
+from ..policy.breaker import CLOSED, OPEN, CircuitBreaker
 from ..policy.entries import expires_at_ms
 from ..policy.failures import SATURATED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
@@ -100,6 +100,9 @@ class RedisTier(RedisWrites):
         self.kill_wait = kill_wait
         self.breaker = breaker or CircuitBreaker()
         self.stats = RedisStats()
+        # Logged once per outage and once per owed-kill episode, however many calls see them.
+        self._breaker_open = observe.Episode()
+        self._owing = observe.Episode()
         self.channel = keys.channel if announce else ""
         watch = client.connection_pool.connection_kwargs.get("redis_connect_func")
         if isinstance(watch, RunWatch):
@@ -171,6 +174,9 @@ class RedisTier(RedisWrites):
         """A call worked: close the breaker (whichever call was the half-open probe)."""
         if self.breaker.failures or self.breaker.state is not CLOSED:
             self.breaker.success()
+            seconds = self._breaker_open.end()
+            if seconds is not None:
+                observe.breaker_closed(self.keys.namespace, seconds)
 
     def _failed(self, exc: BaseException) -> Failure:
         """Record a failure by what it means: only outages count toward the breaker; refusals hold Redis off."""
@@ -178,6 +184,8 @@ class RedisTier(RedisWrites):
         self.stats.errors += 1
         if kind.outage:
             self.breaker.failure()
+            if self.breaker.state == OPEN and self._breaker_open.begin():
+                observe.breaker_opened(self.keys.namespace, self.breaker.failures)
         elif kind is SATURATED:
             self.stats.saturated += 1
         if kind.refusing:

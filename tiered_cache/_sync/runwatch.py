@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .. import _fork
+from .. import _fork, observe
 from .._acompat import Lock
 from ..policy.keys import namespace_pattern
 
@@ -78,8 +78,7 @@ class RunWatch:
             self._flush(conn)
             self.run_id = run_id
             self.restarts += 1
-        logger.warning("redis tier: Redis restarted or failed over (new run id); namespaces %s dropped",
-                       sorted(self.namespaces))
+        observe.redis_restarted(self.namespaces, "connection")
 
     def _flush(self, conn: Any) -> None:
         """Drop every watched namespace on this very connection, then announce."""
