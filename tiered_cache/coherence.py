@@ -154,9 +154,7 @@ class CoherenceListener:
             if time.monotonic() > deadline:
                 raise RedisConnectionError("no subscribe confirmation on the change channel")
         self._last_heard = self._last_ping = time.monotonic()
-        fd = self._pubsub.connection._sock.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        fd, poller = _socket_of(self._pubsub)
         # Anything announced before this point may have been missed: start from empty.
         self._publishers.clear()
         self._holes.clear()
@@ -230,15 +228,16 @@ class CoherenceListener:
         no entry whose eviction has already arrived: the listener thread alone would first have to win the
         GIL from the busy thread, once per blocking call (about 5 ms each at the default switch interval).
         """
-        fd = self._fd
-        if fd is None:
+        if self._fd is None:
             return
-        if not self._lock.locked() and not select.select((fd,), (), (), 0)[0]:
-            return  # nothing waiting, and no drain under way that may hold a message read but not applied
+        # Under the lock (uncontended but for a drain under way, which we must wait for anyway): the socket is
+        # closed only under it, so the descriptor checked is the subscription's, never a closed or reused one.
         with self._lock:
-            if self._fd is not None:
+            fd = self._fd
+            if fd is not None:
                 try:
-                    self._drain(time.monotonic())
+                    if select.select((fd,), (), (), 0)[0]:
+                        self._drain(time.monotonic())
                 except (RedisError, OSError, ValueError) as exc:
                     # The listener thread finds the same fault on its next read and reconnects; until then
                     # the near tier cannot vouch for anything.
@@ -274,7 +273,15 @@ class CoherenceListener:
                         self._pubsub.ping()
                 if now - self._last_heard > 3 * self.health + self.poll:
                     raise RedisConnectionError(f"no answer on the change channel for {now - self._last_heard:.1f} s")
-                self._poller.poll(self.poll * 1000)  # wait without the lock (and without the GIL)
+                if self._poller is not None:
+                    self._poller.poll(self.poll * 1000)  # wait without the lock (and without the GIL)
+                else:  # no OS socket to wait on (fakeredis): the client waits, and readers do not poll
+                    with self._lock:
+                        msg = self._pubsub.get_message(timeout=self.poll)
+                        if msg:
+                            self._last_heard = time.monotonic()
+                            if msg["type"] == "message":
+                                self.handle(msg["data"], self._last_heard)
             except (RedisError, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
                 if self._lost_since.begin():
@@ -294,3 +301,15 @@ class CoherenceListener:
             self._thread.join(self.poll * 5 + 1)
         self._client.close()
         self._client.connection_pool.disconnect()
+
+
+def _socket_of(pubsub: Any) -> tuple[int | None, Any]:
+    """The subscription's OS socket and a poll object on it; (None, None) for a client without one (fakeredis)."""
+    try:
+        fd = pubsub.connection._sock.fileno()
+        select.select((fd,), (), (), 0)
+    except (AttributeError, OSError, ValueError, TypeError):
+        return None, None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return fd, poller
