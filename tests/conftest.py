@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 

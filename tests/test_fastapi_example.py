@@ -9,10 +9,8 @@ from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
+import httpx  # the `web` extra, which ./dev installs
 import pytest
-
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "fastapi_app.py"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import logging
 import os
@@ -523,10 +522,6 @@ def test_health_reports_each_part(dsn: str, redis_url: str) -> None:
         assert report.checks["postgres"].detail == StoreUnavailable.__name__
 
 
-_WIRED = "metrics" in inspect.signature(TieredCache.__init__).parameters
-
-
-@pytest.mark.skipif(not _WIRED, reason="the facade's metrics hook is not wired yet")
 def test_facade_hook_reports_each_call(dsn: str, redis_url: str) -> None:
     """Wired: every public call is counted once by the tier that answered, errors and rejections included."""
     reg = CollectorRegistry()
@@ -578,15 +573,6 @@ def test_steady_state_is_quiet_at_info(near_cache: TieredCache, caplog: pytest.L
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tiered_cache")] == []
 
 
-def _tiers_log_events() -> bool:
-    import tiered_cache.relay
-    import tiered_cache._sync.redis_tier
-
-    return hasattr(tiered_cache._sync.redis_tier, "observe") and hasattr(Relay("", RedisTier(redis_client("redis://127.0.0.1:1"),
-                                                                                           KeySpace("tc"))), "on_delay")
-
-
-@pytest.mark.skipif(not _tiers_log_events(), reason="the tiers do not log events yet")
 def test_an_outage_logs_each_event_once(dsn: str, redis_url: str, redis_server: Any,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """Redis down for many calls, then back as a new run: each event is logged once, with its fields."""
@@ -615,7 +601,6 @@ def test_an_outage_logs_each_event_once(dsn: str, redis_url: str, redis_server: 
     assert all(r.tier in ("redis", "near") and r.namespace for r in events if r.event != "relay_lagging")  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(not _tiers_log_events(), reason="the relay does not report delays yet")
 def test_relay_reports_commit_to_redis_delay(dsn: str, redis_url: str) -> None:
     """Each batch the relay applies observes its oldest change's age when Redis confirmed it."""
     with PostgresStore(dsn) as store:

@@ -26,7 +26,6 @@ def sync_connection(client: Any) -> tuple[type, dict[str, Any]]:
 
 def relay_tier(tier: Any) -> Any:
     """The sync Redis tier a relay thread kills through: the cache's own if it is sync, else one on a sync client."""
-    from ._sync.client import redis_client  # noqa: F401 (the same bounded settings)
     from ._sync.redis_tier import RedisTier
     from ._sync.runwatch import RunWatch
 

@@ -70,7 +70,6 @@ class CoherenceListener:
 
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
                  gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
-        source = client.connection_pool
         # A thread of its own on sync connections, whichever API the caches use (see _sync_client).
         self._connection_class, self._connection_kwargs = sync_connection(client)
         # A pub/sub read waits for messages, not for an answer.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from .._acompat import arun_blocking
