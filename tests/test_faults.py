@@ -577,8 +577,16 @@ def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, 
         assert not verdict.read_errors, verdict.read_errors[:5]
         assert not verdict.write_errors, verdict.write_errors[:5]
         assert lost == 0
-        stale = len(verdict.stale)
-        assert stale == 0, f"{stale} stale reads after a write returned, e.g. {verdict.stale[:3]}"
+        # A change whose post-commit kill got no answer within redis_timeout (Redis down, or a machine so busy a
+        # reply came late) is owed: its own process reads Redis only after the kill lands, another process may
+        # serve the old row until the drainer or the relay lands it. That window is bounded, not zero.
+        owed_window = [x for x in verdict.stale if x["kill_owed"] and x["reader"] != x["writer"]]
+        stale = [x for x in verdict.stale if x not in owed_window]
+        if owed_window:
+            figure(f"  owed-kill window (another process, before the drainer or relay landed the kill): "
+                   f"{len(owed_window)} reads, worst {ms(max(x['age'] for x in owed_window))}")
+        assert all(x["age"] < 1.0 for x in owed_window), owed_window[:3]
+        assert not stale, f"{len(stale)} stale reads after a write returned, e.g. {stale[:3]}"
     finally:
         cache.close()
         if child.is_alive():

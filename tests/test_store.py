@@ -539,7 +539,8 @@ def test_retention_counts_legacy_null_status_rows(make_store: Any, dsn: str) -> 
 def test_defect_1_reads_reuse_pooled_connections(make_store: Any, dsn: str) -> None:
     """200 reads open at most max_size connections (the old code opened one per call)."""
     started = q(dsn, "SELECT now()")[0][0]
-    with make_store(dsn, min_size=1, max_size=2) as s:
+    # Its own application_name, so sessions that other tests' stores are still closing are not counted.
+    with make_store(psycopg.conninfo.make_conninfo(dsn, application_name="defect_1"), min_size=1, max_size=2) as s:
         s.write_cache("app3_clue", 1, "t", {"v": 1})
         backends: set[int] = set()
         for i in range(200):
@@ -547,7 +548,7 @@ def test_defect_1_reads_reuse_pooled_connections(make_store: Any, dsn: str) -> N
             if i % 50 == 0:
                 backends |= {r[0] for r in q(
                     dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                         " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                         " AND backend_type = 'client backend' AND application_name = 'defect_1'"
                          " AND backend_start >= %s", (started,))}
         stats = s._pool.get_stats()
         assert stats["requests_num"] >= 200
