@@ -434,15 +434,19 @@ def pg_expiry_ms(dsn: str, row_id: int) -> int:
     return int(got[0])
 
 
+#: The facade tests build a sync TieredCache on the backend's client: the real and fake Redis only (the facade
+#: suite drives AsyncTieredCache itself, through make_cache).
+_SYNC_CLIENTS = pytest.mark.parametrize("backend", ["real", "fake"], indirect=True)
+
+
 @pytest.fixture
 def facade(store: PostgresStore, backend: Backend) -> Iterator[TieredCache]:
     """A TieredCache over the real store and the backend's client."""
-    if backend.name == "real-async":
-        pytest.skip("the facade suites drive AsyncTieredCache themselves (make_cache); here the tier alone")
     with TieredCache(store, backend.client, namespace="contract") as cache:
         yield cache
 
 
+@_SYNC_CLIENTS
 def test_facade_reads_through_writes_through_and_invalidates(facade: TieredCache, backend: Backend) -> None:
     """get_latest fills (PXAT = PostgreSQL's expiry) then hits; write_cache stores; invalidate caches 'no row'."""
     r = backend.client
@@ -460,6 +464,7 @@ def test_facade_reads_through_writes_through_and_invalidates(facade: TieredCache
     assert r.get(ks.entry) == NEGATIVE and facade.get_latest(CT, SITE, "m") is None
 
 
+@_SYNC_CLIENTS
 def test_facade_get_many_and_history_use_one_mget_and_the_history_hash(facade: TieredCache, backend: Backend) -> None:
     """get_many fills misses (negative for empty cells) and hits after; get_history is cached per limit."""
     a = facade.write_cache(CT, SITE, "a", {"v": "a"})
@@ -476,11 +481,10 @@ def test_facade_get_many_and_history_use_one_mget_and_the_history_hash(facade: T
     assert facade.get_latest(CT, SITE, "a")["id"] == a  # type: ignore[index]
 
 
+@_SYNC_CLIENTS
 def test_near_tiers_of_two_processes_stay_coherent(store: PostgresStore, backend: Backend,
                                                   request: pytest.FixtureRequest) -> None:
     """A write in one process evicts the other's near-tier copy through the change channel."""
-    if backend.name == "real-async":
-        pytest.skip("the facade suites drive AsyncTieredCache themselves (make_cache); here the tier alone")
     near = {"near_max_entries": 100, "near_max_age": 60.0}  # no entry ages out between two reads on a slow machine
     one = TieredCache(store, backend.new_client(), namespace="contract", **near)
     two = TieredCache(store, backend.new_client(), namespace="contract", **near)
