@@ -6,6 +6,8 @@ from ._async.store import AsyncPostgresStore
 from .errors import (
     Closed,
     ConfigurationError,
+    GenerationFailed,
+    GenerationTimeout,
     InvalidInput,
     MigrationError,
     StoreUnavailable,
@@ -24,6 +26,8 @@ __all__ = [
     "Closed",
     "ConfigurationError",
     "ExpiryPolicy",
+    "GenerationFailed",
+    "GenerationTimeout",
     "InvalidInput",
     "Limits",
     "MigrationError",

@@ -35,3 +35,21 @@ class MigrationError(TieredCacheError):
 
 class Closed(TieredCacheError, RuntimeError):
     """The object was closed: the call was refused before any I/O, so nothing was sent or written."""
+
+
+class GenerationTimeout(TieredCacheError, TimeoutError):
+    """get_or_generate waited `wait` seconds for another caller's generation of this key, and none finished."""
+
+    def __init__(self, key: tuple[str, int, str], waited: float) -> None:
+        super().__init__(f"get_or_generate{key!r}: no result after waiting {waited:.3f} s for another caller's generation")
+        self.key = key
+        self.waited = waited
+
+
+class GenerationFailed(TieredCacheError):
+    """The generation this caller waited for raised in the caller that ran it (its error text is kept here)."""
+
+    def __init__(self, key: tuple[str, int, str], error: str) -> None:
+        super().__init__(f"get_or_generate{key!r}: the generation this call waited for failed: {error}")
+        self.key = key
+        self.error = error

@@ -29,6 +29,7 @@ from .observe import OPS, TIERS, LagWatch
 logger = logging.getLogger(__name__)
 
 RESULTS = ("hit", "miss", "bypass", "ok", "error", "invalid")
+GENERATION_RESULTS = ("started", "won", "joined", "waited", "timed_out", "failed", "taken_over")
 
 _READS, _WRITES = OPS[:3], OPS[3:]
 _ALWAYS = (("postgres", "error"), ("none", "error"), ("none", "invalid"))
@@ -72,6 +73,9 @@ _COUNTERS = {
     "relay_spared": ("relay_spared", "Keys the relay left alone because the changing write had stored them itself", ()),
     "relay_flushes": ("relay_flushes", "Namespace flushes the relay applied (a table truncation)", ()),
     "relay_errors": ("relay_errors", "Relay loop failures (PostgreSQL or Redis); the rows stay for the next try", ()),
+    "generations": ("generations", "get_or_generate outcomes: generate() started, result stored (won), previous "
+                    "result served (joined), waited for another's, wait timed out, generate() failed, lease taken over",
+                    ("result",)),
 }
 
 # Gauge families: attribute -> (name after the prefix; help; multiprocess mode; how one process combines objects).
@@ -115,6 +119,7 @@ COUNTERS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("relay", "spared"): ("relay_spared", ()),
     ("relay", "flushes"): ("relay_flushes", ()),
     ("relay", "errors"): ("relay_errors", ()),
+    **{("generations", name): ("generations", (name,)) for name in GENERATION_RESULTS},
 }
 
 #: stats() levels: (section, name) -> gauge family ("breaker_state" and the relay backlog are measured here).
@@ -131,7 +136,7 @@ GAUGES: dict[tuple[str, str], str] = {
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 #: Every label value any family may carry: what the no-tenant test checks against.
-LABEL_VALUES = frozenset(OPS + TIERS + RESULTS + ("stored", "refused", "skipped", "change", "connection", "listener"))
+LABEL_VALUES = frozenset(OPS + TIERS + RESULTS + GENERATION_RESULTS + ("stored", "refused", "skipped", "change", "connection", "listener"))
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 

@@ -50,6 +50,8 @@ NAMES = {
     "ABeforeCommit": "BeforeCommit",
     # the Redis tier (issue 10): a lock held across awaits; redis.asyncio awaits a marked redis_connect_func
     "acallback": "callback",
+    # tiered_cache/_wakeups.py (issue 12): a waiter woken by another thread
+    "await_wait": "wait",
 }
 
 #: Whole import lines whose sync form is not a token-for-token rename.

@@ -25,6 +25,7 @@ from ..policy.keys import KeySet, KeySpace
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from .client import async_redis_client
+from .generate import AsyncGenerations
 from .redis_tier import AsyncRedisTier
 from .store import AsyncPostgresStore
 from .writes import AsyncCacheWrites
@@ -38,7 +39,7 @@ _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generatin
 _TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed"})
 
 
-class AsyncTieredCache(AsyncCacheWrites):
+class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
     """Same methods and return shapes as AsyncPostgresStore, served from Redis when it can be, never stale after a write."""
 
     def __init__(
@@ -87,6 +88,7 @@ class AsyncTieredCache(AsyncCacheWrites):
         self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
         self.near: NearTier | None = self._share.near
         self.listener: CoherenceListener | None = self._share.listener
+        self._init_generations()
 
     @classmethod
     async def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
@@ -266,6 +268,7 @@ class AsyncTieredCache(AsyncCacheWrites):
             out["listener"] = asdict(self.listener.stats)
         if self.relay is not None:
             out["relay"] = asdict(self.relay.stats)
+        out["generations"] = asdict(self.generation_stats)
         return out
 
     async def health(self, **options: Any) -> Any:
@@ -320,6 +323,6 @@ async def _closed_noop(self: Any) -> None:
 def _closed_class(cls: type) -> type:
     """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
     calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
-             "invalidate", "invalidate_site", "health")
+             "invalidate", "invalidate_site", "health", "get_or_generate")
     return type(f"Closed{cls.__name__}", (cls,), {"close": _closed_noop, "keyset": _refused_now("keyset"),
                                                   **{n: _refused(n) for n in calls}})

@@ -16,6 +16,7 @@ from ..contracts import Key, Row
 from ..errors import Closed, InvalidInput, StoreUnavailable
 from ..observe import span, tracing
 from ..policy.keys import KeySet
+from ..tiers._store_shared import WriteOutcome
 
 if TYPE_CHECKING:
     from .._near_registry import Membership
@@ -138,18 +139,23 @@ class AsyncCacheWrites:
         if found is None:
             logger.warning("finalize_cache: row %s does not exist", params["id"])
             return False, "postgres", "miss"
-        ks = self.keys.keyset(*found[0])
+        outcome = await self._finalize_through(params, self.store.finalize)
+        return (True, "postgres", "ok") if outcome.changed else (False, "postgres", "miss")
+
+    async def _finalize_through(self, params: dict[str, Any], finalize: Callable[..., Any]) -> WriteOutcome:
+        """Run a finalize statement (plain, or fenced by a generation lease) under the key's write lease."""
+        ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
         token = await self.redis.lease_for_write(ks)
         try:
-            outcome = await self.store.finalize(params)
+            outcome: WriteOutcome = await finalize(params)
         except BaseException as exc:
             await self._failed_write(ks, token, exc)
             raise
         if outcome.changed:
             await self._through(ks, token, outcome.latest, outcome.txid)
-            return True, "postgres", "ok"
-        await self.redis.release(ks, token)
-        return False, "postgres", "miss"
+        else:
+            await self.redis.release(ks, token)
+        return outcome
 
     async def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
         """Mark a key's valid rows 'invalidated' and cache the resulting 'no row'; returns how many rows."""

@@ -26,6 +26,7 @@ from ..policy.keys import KeySet, KeySpace
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from .client import redis_client
+from .generate import Generations
 from .redis_tier import RedisTier
 from .store import PostgresStore
 from .writes import CacheWrites
@@ -39,7 +40,7 @@ _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generatin
 _TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed"})
 
 
-class TieredCache(CacheWrites):
+class TieredCache(Generations, CacheWrites):
     """Same methods and return shapes as PostgresStore, served from Redis when it can be, never stale after a write."""
 
     def __init__(
@@ -88,6 +89,7 @@ class TieredCache(CacheWrites):
         self._share = REGISTRY.join(redis_client, namespace, self.keys.channel, bounds)
         self.near: NearTier | None = self._share.near
         self.listener: CoherenceListener | None = self._share.listener
+        self._init_generations()
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
@@ -267,6 +269,7 @@ class TieredCache(CacheWrites):
             out["listener"] = asdict(self.listener.stats)
         if self.relay is not None:
             out["relay"] = asdict(self.relay.stats)
+        out["generations"] = asdict(self.generation_stats)
         return out
 
     def health(self, **options: Any) -> Any:
@@ -321,6 +324,6 @@ def _closed_noop(self: Any) -> None:
 def _closed_class(cls: type) -> type:
     """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
     calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
-             "invalidate", "invalidate_site", "health")
+             "invalidate", "invalidate_site", "health", "get_or_generate")
     return type(f"Closed{cls.__name__}", (cls,), {"close": _closed_noop, "keyset": _refused_now("keyset"),
                                                   **{n: _refused(n) for n in calls}})

@@ -17,6 +17,7 @@ from ..contracts import Key, Row
 from ..errors import Closed, InvalidInput, StoreUnavailable
 from ..observe import span, tracing
 from ..policy.keys import KeySet
+from ..tiers._store_shared import WriteOutcome
 
 if TYPE_CHECKING:
     from .._near_registry import Membership
@@ -139,18 +140,23 @@ class CacheWrites:
         if found is None:
             logger.warning("finalize_cache: row %s does not exist", params["id"])
             return False, "postgres", "miss"
-        ks = self.keys.keyset(*found[0])
+        outcome = self._finalize_through(params, self.store.finalize)
+        return (True, "postgres", "ok") if outcome.changed else (False, "postgres", "miss")
+
+    def _finalize_through(self, params: dict[str, Any], finalize: Callable[..., Any]) -> WriteOutcome:
+        """Run a finalize statement (plain, or fenced by a generation lease) under the key's write lease."""
+        ks = self.keys.keyset(params["cache_type"], params["site_id"], params["target_id"])
         token = self.redis.lease_for_write(ks)
         try:
-            outcome = self.store.finalize(params)
+            outcome: WriteOutcome = finalize(params)
         except BaseException as exc:
             self._failed_write(ks, token, exc)
             raise
         if outcome.changed:
             self._through(ks, token, outcome.latest, outcome.txid)
-            return True, "postgres", "ok"
-        self.redis.release(ks, token)
-        return False, "postgres", "miss"
+        else:
+            self.redis.release(ks, token)
+        return outcome
 
     def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
         """Mark a key's valid rows 'invalidated' and cache the resulting 'no row'; returns how many rows."""
