@@ -114,6 +114,11 @@ class AsyncGenerations(_Base):
         waiter = bus.register(self.keys.entry(*key)) if bus is not None else None
         call = _Call(self, key, generate, triggered_by, lease_ttl, waiter, wait)
         try:
+            if row is None:
+                busy, previous = await self.leases.peek(key)
+                if busy and previous is not None:  # stale-while-regenerating, without touching the lease
+                    self.generation_stats.joined += 1
+                    return previous
             grant = await call.acquire(row["id"] if row is not None else None, None)
             if grant.outcome == "busy":
                 if row is None:

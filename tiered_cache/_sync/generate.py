@@ -115,6 +115,11 @@ class Generations(_Base):
         waiter = bus.register(self.keys.entry(*key)) if bus is not None else None
         call = _Call(self, key, generate, triggered_by, lease_ttl, waiter, wait)
         try:
+            if row is None:
+                busy, previous = self.leases.peek(key)
+                if busy and previous is not None:  # stale-while-regenerating, without touching the lease
+                    self.generation_stats.joined += 1
+                    return previous
             grant = call.acquire(row["id"] if row is not None else None, None)
             if grant.outcome == "busy":
                 if row is None:

@@ -75,6 +75,12 @@ class Leases:
         rows = self.store._read(_sql_leases.PREVIOUS, _key_params(key), "get_or_generate")
         return _sql.row_dict(_sql.LATEST_COLUMNS, rows[0]) if rows else None
 
+    def peek(self, key: Key) -> tuple[bool, dict[str, Any] | None]:
+        """Whether a live lease is held on the key, and its previous result: one read, no lock."""
+        rows = self.store._read(_sql_leases.PEEK, _key_params(key), "get_or_generate")
+        busy, *previous = rows[0]
+        return bool(busy), _sql.row_dict(_sql.LATEST_COLUMNS, tuple(previous)) if previous[0] is not None else None
+
     def row(self, key: Key) -> dict[str, Any] | None:
         """The key's servable row, from PostgreSQL itself (a generation finished; Redis may not have it yet)."""
         return self.store.get_latest(*key)

@@ -56,4 +56,13 @@ WHERE {_KEY} AND (status = 'valid' OR status IS NULL) AND expires_at IS NOT NULL
 {_NEWEST} LIMIT 1
 """
 
-__all__ = ["ACQUIRE", "HEARTBEAT", "RELEASE_FAILED", "FINALIZE_FENCED", "PREVIOUS", "LATEST_COLUMNS"]
+# Before asking for the lease: is a live one held, and what is the previous result? One read, no lock, so
+# the callers that join a generation under way cost PostgreSQL an index probe each.
+PEEK = f"""
+SELECT l.holder IS NOT NULL AND l.expires_at > clock_timestamp(), p.*
+FROM (SELECT 1) one
+LEFT JOIN biz.ai_cache_leases l ON l.cache_type = %(cache_type)s AND l.site_id = %(site_id)s AND l.target_id = %(target_id)s
+LEFT JOIN LATERAL ({PREVIOUS}) p ON true
+"""
+
+__all__ = ["ACQUIRE", "HEARTBEAT", "RELEASE_FAILED", "FINALIZE_FENCED", "PREVIOUS", "PEEK", "LATEST_COLUMNS"]
