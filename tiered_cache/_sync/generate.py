@@ -98,6 +98,7 @@ class Generations(_Base):
         if the one generation raised). refresh_ahead: a fraction of a row's lifetime; in that last part one
         caller regenerates while everyone else keeps the current row.
         """
+        begun = time.monotonic()
         key = self.store.validate_key(cache_type, site_id, target_id)
         if not callable(generate):
             raise InvalidInput("generate", f"expected a callable, got {type(generate).__name__}")
@@ -116,7 +117,7 @@ class Generations(_Base):
         call = _Call(self, key, generate, triggered_by, lease_ttl, waiter, wait)
         try:
             if row is None:
-                busy, previous = self.leases.peek(key)
+                busy, previous = self._peek(key, begun)
                 if busy and previous is not None:  # stale-while-regenerating, without touching the lease
                     self.generation_stats.joined += 1
                     return previous
@@ -131,6 +132,37 @@ class Generations(_Base):
         finally:
             if waiter is not None:
                 bus.unregister(waiter)  # type: ignore[union-attr]
+
+
+    def _peek(self, key: Key, begun: float) -> tuple[bool, Row | None]:
+        """leases.peek, shared by callers of this object asking for the same key at once: a burst of joiners
+        costs PostgreSQL one probe per process, not one per caller. Only a probe sent after a caller began is
+        shared with it, so an invalidate that returned before the call cannot be missed."""
+        flights: dict[Key, _Flight] = self.__dict__.setdefault("_peeks", {})
+        flight = flights.get(key)
+        if flight is not None and flight.started >= begun:
+            if wait_event(flight.done, POLL) and flight.value is not None:
+                return flight.value
+            return self.leases.peek(key)  # the first caller failed or is slow: ask for ourselves
+        flight = flights[key] = _Flight(Event(), time.monotonic())
+        try:
+            flight.value = self.leases.peek(key)
+            return flight.value
+        finally:
+            if flights.get(key) is flight:
+                del flights[key]
+            flight.done.set()
+
+
+class _Flight:
+    """One peek in flight, and its answer once done (None if it raised)."""
+
+    __slots__ = ("done", "started", "value")
+
+    def __init__(self, done: Any, started: float) -> None:
+        self.done = done
+        self.started = started
+        self.value: tuple[bool, Row | None] | None = None
 
 
 class _Call:
