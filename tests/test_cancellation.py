@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from tiered_cache import AsyncPostgresStore, AsyncTieredCache
+from tiered_cache import AsyncPostgresStore, AsyncTieredCache, async_redis_client
 from tiered_cache._async import lua as alua
 from tiered_cache._async import redis_writes as aredis_writes
 from tiered_cache.tiers.lua_scripts import KILL_SCRIPT, WRITE_THROUGH_SCRIPT
@@ -164,8 +164,6 @@ async def seeded(dsn: str, redis_url: str, op: Op, *, relay: bool = False) -> tu
     """The cache under test (over a GatedStore), another cache (another process, for this key), an admin store;
     the key has a valid row and a placeholder in PostgreSQL, and the other cache has filled its answer in Redis."""
     store = await GatedStore.connect(dsn)
-    from tiered_cache import async_redis_client
-
     cache = AsyncTieredCache(store, async_redis_client(redis_url, timeout=2.0), owns_clients=True)
     other = await AsyncTieredCache.connect(dsn, redis_url, redis_timeout=2.0, relay=relay)
     admin = await AsyncPostgresStore.connect(dsn)

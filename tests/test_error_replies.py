@@ -250,6 +250,7 @@ def fill_until_oom(admin: redis.Redis) -> int:
     return n
 
 
+# The slow scenarios below stay sync (~85 s together, with reader processes): doubled they would push the suite past its budget.
 @pytest.mark.fault
 @pytest.mark.slow
 def test_oom_noeviction_kills_land_before_the_write_returns(dsn: str, figure: Callable[[str], None]) -> None:

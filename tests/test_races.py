@@ -14,7 +14,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
-import psycopg
 import pytest
 import redis
 
