@@ -111,3 +111,71 @@ def _blocking_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 def blocking(factory: Callable[..., Any]) -> Callable[..., Any]:
     """A sync constructor for an async class or async classmethod: built on the loop, handed back wrapped."""
     return _blocking_call(factory)
+
+
+# -- building either API's objects from parts ------------------------------------------------------
+
+
+def open_store(api: str, cls: type, dsn: str, **options: Any) -> Any:
+    """A store of class `cls` (a PostgresStore or, for api 'async', an AsyncPostgresStore subclass) with its pool open."""
+    return cls(dsn, **options) if api == "sync" else blocking(cls.connect)(dsn, **options)
+
+
+def new_redis_client(api: str, url: str, **options: Any) -> Any:
+    """The library's bounded Redis client of that API (redis_client or async_redis_client)."""
+    if api == "sync":
+        from tiered_cache import redis_client
+
+        return redis_client(url, **options)
+    from tiered_cache import async_redis_client
+
+    return blocking(async_redis_client)(url, **options)
+
+
+def new_cache(api: str, store: Any, client: Any, **options: Any) -> Any:
+    """A TieredCache (or AsyncTieredCache behind Blocking) over a store and client built above."""
+    from tiered_cache import AsyncTieredCache, TieredCache
+
+    return TieredCache(store, client, **options) if api == "sync" else blocking(AsyncTieredCache)(store, client, **options)
+
+
+Hook = Callable[..., Any]
+
+
+def with_hooks(base: type, hooks: dict[str, tuple[Hook | None, Hook | None]], name: str,
+               mixins: tuple[type, ...] = ()) -> type:
+    """A subclass of `base` whose named methods call plain-function hooks before and after them: one test
+    source for both stores. `before(store, args)` returns a mark; `after(store, args, outcome, mark)`.
+
+    A hook may block (wait for a test's threading.Event, read PostgreSQL through a sync store): on an async
+    base it runs in a worker thread (asyncio.to_thread), so the event loop keeps serving every other task,
+    as a real pause at an await would.
+    """
+    asynchronous = inspect.iscoroutinefunction(base.write)
+    namespace: dict[str, Any] = {}
+    for method, (before, after) in hooks.items():
+        original = getattr(base, method)
+        namespace[method] = (_async_hooked if asynchronous else _sync_hooked)(original, before, after)
+    return type(name, (*mixins, base), namespace)
+
+
+def _sync_hooked(original: Callable[..., Any], before: Hook | None, after: Hook | None) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mark = before(self, args) if before is not None else None
+        out = original(self, *args, **kwargs)
+        if after is not None:
+            after(self, args, out, mark)
+        return out
+
+    return method
+
+
+def _async_hooked(original: Callable[..., Any], before: Hook | None, after: Hook | None) -> Callable[..., Any]:
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mark = await asyncio.to_thread(before, self, args) if before is not None else None
+        out = await original(self, *args, **kwargs)
+        if after is not None:
+            await asyncio.to_thread(after, self, args, out, mark)
+        return out
+
+    return method

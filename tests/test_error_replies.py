@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from faultproxy import FaultProxy
-from tiered_cache import PostgresStore, TieredCache
+from tiered_cache import AsyncPostgresStore, PostgresStore, TieredCache
 from tiered_cache.contracts import DOWN
 from tiered_cache.facade import redis_client
 from tiered_cache.policy.breaker import CLOSED
@@ -250,6 +250,7 @@ def fill_until_oom(admin: redis.Redis) -> int:
     return n
 
 
+# The slow scenarios below stay sync (~85 s together, with reader processes): doubled they would push the suite past its budget.
 @pytest.mark.fault
 @pytest.mark.slow
 def test_oom_noeviction_kills_land_before_the_write_returns(dsn: str, figure: Callable[[str], None]) -> None:
@@ -491,12 +492,16 @@ def test_writes_refused_reads_served_old_row_is_served_only_within_the_probe_bou
 # --------------------------------------------------------------------------- an empty local pool is not an outage
 
 
-def test_an_empty_pool_is_not_an_outage_and_the_kill_waits_for_a_connection(dsn: str, redis_url: str) -> None:
+def test_an_empty_pool_is_not_an_outage_and_the_kill_waits_for_a_connection(
+        api: str, dsn: str, redis_url: str, make_cache: Callable[..., TieredCache]) -> None:
     """With every pooled connection in use, reads go to PostgreSQL without tripping the breaker, and a write's
     kill waits (bounded) for a connection instead of being owed: another object reads the new row at once."""
-    client = redis_client(redis_url, timeout=0.05, max_connections=2)
-    writer = TieredCache(PostgresStore(dsn), client, owns_clients=True)
-    other = TieredCache.connect(dsn, redis_url, redis_timeout=1.0)
+    from _apis import new_cache, new_redis_client, open_store
+
+    store_class = PostgresStore if api == "sync" else AsyncPostgresStore
+    client = new_redis_client(api, redis_url, timeout=0.05, max_connections=2)
+    writer = new_cache(api, open_store(api, store_class, dsn), client, owns_clients=True)
+    other = make_cache(dsn, redis_url, redis_timeout=1.0)
     try:
         v1 = writer.write_cache(CT, SITE, "pool", {"v": 1})
         assert ident(other.get_latest(CT, SITE, "pool")) == v1
@@ -514,7 +519,6 @@ def test_an_empty_pool_is_not_an_outage_and_the_kill_waits_for_a_connection(dsn:
         assert writer.redis.breaker.trips == 0
     finally:
         writer.close()
-        other.close()
 
 
 async def _async_tier_on(url: str, namespace: str, **client_options: Any) -> Any:
@@ -562,12 +566,13 @@ def test_an_empty_pool_is_saturated_not_an_outage_on_either_client(redis_url: st
 
 
 @pytest.mark.fault
-def test_owed_kills_are_bounded_then_the_namespace_is_dropped(dsn: str, redis_url: str) -> None:
+def test_owed_kills_are_bounded_then_the_namespace_is_dropped(dsn: str, redis_url: str,
+                                                             make_cache: Callable[..., TieredCache]) -> None:
     """Past max_owed owed kills the tier stops remembering keys and owes one namespace drop instead; once Redis
     answers, the drop lands (even untouched keys go) and only then does the writer read Redis again."""
     proxy = FaultProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).start()
-    writer = TieredCache.connect(dsn, f"redis://127.0.0.1:{proxy.port}/0", redis_timeout=0.2)
-    other = TieredCache.connect(dsn, redis_url, redis_timeout=1.0)
+    writer = make_cache(dsn, f"redis://127.0.0.1:{proxy.port}/0", redis_timeout=0.2)
+    other = make_cache(dsn, redis_url, redis_timeout=1.0)
     admin = redis.Redis.from_url(redis_url)
     try:
         writer.redis.max_owed = 20
@@ -588,8 +593,6 @@ def test_owed_kills_are_bounded_then_the_namespace_is_dropped(dsn: str, redis_ur
         assert [ident(writer.get_latest(CT, SITE, t)) for t in targets] == [v2[t] for t in targets]
         assert writer.redis.stats.hits > hits, "the writer never read Redis again"
     finally:
-        writer.close()
-        other.close()
         admin.close()
         proxy.close()
 

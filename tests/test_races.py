@@ -1,4 +1,4 @@
-"""Never stale after a write returns: deterministic interleavings and a randomized multi-thread stress run."""
+"""Never stale after a write returns, on both APIs: deterministic interleavings and a randomized multi-thread stress run."""
 
 from __future__ import annotations
 
@@ -14,22 +14,22 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
-import psycopg
 import pytest
 import redis
 
-from tiered_cache import PostgresStore, TieredCache, redis_client
+from _apis import new_cache, new_redis_client, open_store, with_hooks
+from tiered_cache import AsyncPostgresStore, PostgresStore, TieredCache
 
 CT = "app3_clue"
 SITE = 101
 WAIT = 10.0  # seconds any step may take before the test calls it hung
 
 
-class PausingStore(PostgresStore):
-    """A PostgresStore that, when armed, stops a call at a named point until the test releases it."""
+class PausePoints:
+    """Named pause points of a store: when armed, the next call passing one stops there until the test releases it."""
 
-    def __init__(self, dsn: str) -> None:
-        super().__init__(dsn)
+    def __init__(self, dsn: str, **options: Any) -> None:
+        super().__init__(dsn, **options)  # type: ignore[call-arg]
         self._points: dict[str, tuple[threading.Event, threading.Event]] = {}
         self._all_releases: list[threading.Event] = []
 
@@ -51,46 +51,28 @@ class PausingStore(PostgresStore):
         for ev in self._all_releases:
             ev.set()
 
-    # Reads pause after PostgreSQL answered, i.e. between the snapshot and the Redis fill.
-    def get_latest(self, *args: Any, **kwargs: Any) -> Any:
-        row = super().get_latest(*args, **kwargs)
-        self._hold("get_latest")
-        return row
 
-    def fetch_many(self, *args: Any, **kwargs: Any) -> Any:
-        rows = super().fetch_many(*args, **kwargs)
-        self._hold("fetch_many")
-        return rows
+def _at(point: str) -> Callable[..., None]:
+    return lambda store, *_: store._hold(point)
 
-    def get_history(self, *args: Any, **kwargs: Any) -> Any:
-        rows = super().get_history(*args, **kwargs)
-        self._hold("get_history")
-        return rows
 
-    # Writes pause before their statement (lease already taken) and after their commit (before write-through).
-    def write(self, params: dict[str, Any]) -> Any:
-        self._hold("write:before")
-        out = super().write(params)
-        self._hold("write:after")
-        return out
+# Reads pause after PostgreSQL answered, i.e. between the snapshot and the Redis fill. Writes pause before their
+# statement (lease already taken) and after their commit (before write-through).
+PAUSES = {
+    "get_latest": (None, _at("get_latest")),
+    "fetch_many": (None, _at("fetch_many")),
+    "get_history": (None, _at("get_history")),
+    "write": (_at("write:before"), _at("write:after")),
+    "finalize": (_at("finalize:before"), _at("finalize:after")),
+    "invalidate_outcome": (_at("invalidate:before"), _at("invalidate:after")),
+    "invalidate_site_keys": (_at("invalidate_site:before"), _at("invalidate_site:after")),
+}
+PAUSING = {base: with_hooks(base, PAUSES, f"Pausing{base.__name__}", (PausePoints,))
+           for base in (PostgresStore, AsyncPostgresStore)}
 
-    def finalize(self, params: dict[str, Any]) -> Any:
-        self._hold("finalize:before")
-        out = super().finalize(params)
-        self._hold("finalize:after")
-        return out
 
-    def invalidate_outcome(self, params: dict[str, Any]) -> Any:
-        self._hold("invalidate:before")
-        out = super().invalidate_outcome(params)
-        self._hold("invalidate:after")
-        return out
-
-    def invalidate_site_keys(self, site_id: object, cache_type: object = None, **kwargs: Any) -> Any:
-        self._hold("invalidate_site:before")
-        out = super().invalidate_site_keys(site_id, cache_type, **kwargs)
-        self._hold("invalidate_site:after")
-        return out
+def store_base(api: str) -> type:
+    return PostgresStore if api == "sync" else AsyncPostgresStore
 
 
 @pytest.fixture
@@ -107,29 +89,25 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 
 @pytest.fixture
-def make_paused(dsn: str, redis_url: str) -> Iterator[Callable[[], TieredCache]]:
-    """Build TieredCaches over a PausingStore (another process each); everything is released and closed after."""
-    made: list[tuple[TieredCache, PausingStore, redis.Redis]] = []
+def make_paused(api: str, dsn: str, redis_url: str) -> Iterator[Callable[[], TieredCache]]:
+    """Build caches of the API under test over a pausing store (another process each); all released and closed after."""
+    made: list[tuple[TieredCache, Any]] = []
 
     def make() -> TieredCache:
-        store = PausingStore(dsn)
-        client = redis_client(redis_url)
-        cache = TieredCache(store, client)
-        made.append((cache, store, client))
+        store = open_store(api, PAUSING[store_base(api)], dsn)
+        cache = new_cache(api, store, new_redis_client(api, redis_url), owns_clients=True)
+        made.append((cache, store))
         return cache
 
     yield make
-    for cache, store, client in made:
+    for cache, store in made:
         store.release_all()
         cache.close()
-        store.close()
-        client.close()
 
 
 @pytest.fixture
-def writer(dsn: str, redis_url: str) -> Iterator[TieredCache]:
-    with TieredCache.connect(dsn, redis_url) as c:
-        yield c
+def writer(dsn: str, redis_url: str, make_cache: Callable[..., TieredCache]) -> TieredCache:
+    return make_cache(dsn, redis_url)
 
 
 def entry_of(r: redis.Redis, cache: TieredCache, target: str) -> Any:
@@ -404,7 +382,7 @@ def test_write_returning_after_a_concurrent_invalidate_site_is_not_stale(make_pa
 # commits of writers still in flight, which no cache can be asked to show yet.
 
 KEYS = ["k0", "k1", "k2"]
-DURATION = 7.0
+DURATION = {"sync": 7.0, "async": 4.0}  # seconds; the async leg repeats the protocol on one loop, shorter
 N_WRITERS = 4
 N_READERS = 6
 
@@ -435,18 +413,19 @@ class Observation:
     after: str
 
 
-class ObservingStore(PostgresStore):
+class ObservationLog:
     """A writer's store that records what each key it just changed serves after the commit: for writes and
     finalizes as computed by the writing statement itself; for invalidations by a read right after."""
 
-    def __init__(self, dsn: str) -> None:
-        super().__init__(dsn, max_size=3)
+    def __init__(self, dsn: str, **options: Any) -> None:
+        super().__init__(dsn, **options)  # type: ignore[call-arg]
         self.pending: list[tuple[int, int, str, Order | None, str]] = []
+        self.observer: Any = self  # what reads PostgreSQL after an invalidation: a sync store (the async one's own)
 
     def _observe(self, keys: list[str], after: str) -> None:
         for key in keys:
             s = time.monotonic_ns()
-            row = super().get_latest(CT, SITE, key)
+            row = self.observer.get_latest(CT, SITE, key)
             self.pending.append((s, time.monotonic_ns(), key, _order(row), after))
 
     def _observed(self, key: str, latest: dict[str, Any] | None, after: str, start: int) -> None:
@@ -454,34 +433,26 @@ class ObservingStore(PostgresStore):
         so a concurrent writer's later commit (whose write has not returned) cannot leak into the oracle."""
         self.pending.append((start, time.monotonic_ns(), key, _order(latest), after))
 
-    def write(self, params: dict[str, Any]) -> Any:
-        start = time.monotonic_ns()
-        out = super().write(params)
-        self._observed(params["target_id"], out.latest, "write_cache", start)
-        return out
-
-    def finalize(self, params: dict[str, Any]) -> Any:
-        start = time.monotonic_ns()
-        out = super().finalize(params)
-        if out.changed:
-            self._observed(params["target_id"], out.latest, "finalize_cache", start)
-        return out
-
-    def invalidate_outcome(self, params: dict[str, Any]) -> Any:
-        out = super().invalidate_outcome(params)
-        self._observe([params["target_id"]], "invalidate")
-        return out
-
-    def invalidate_site_keys(self, site_id: object, cache_type: object = None, **kwargs: Any) -> Any:
-        out = super().invalidate_site_keys(site_id, cache_type, **kwargs)
-        self._observe(sorted(t for (_, _, t) in out), "invalidate_site")
-        return out
-
     def returned(self, into: list[Observation]) -> None:
         """The write returned now: its observations start binding readers."""
         bind = time.monotonic_ns()
         into.extend(Observation(s, e, bind, key, row, after) for s, e, key, row, after in self.pending)
         self.pending.clear()
+
+
+def _started(store: Any, args: tuple[Any, ...]) -> int:
+    return time.monotonic_ns()
+
+
+OBSERVATIONS = {
+    "write": (_started, lambda s, a, out, start: s._observed(a[0]["target_id"], out.latest, "write_cache", start)),
+    "finalize": (_started, lambda s, a, out, start: out.changed and s._observed(a[0]["target_id"], out.latest,
+                                                                               "finalize_cache", start)),
+    "invalidate_outcome": (None, lambda s, a, out, _: s._observe([a[0]["target_id"]], "invalidate")),
+    "invalidate_site_keys": (None, lambda s, a, out, _: s._observe(sorted(t for (_, _, t) in out), "invalidate_site")),
+}
+OBSERVING = {base: with_hooks(base, OBSERVATIONS, f"Observing{base.__name__}", (ObservationLog,))
+             for base in (PostgresStore, AsyncPostgresStore)}
 
 
 def find_stale(reads: list[Read], observations: list[Observation],
@@ -560,14 +531,21 @@ def find_stale(reads: list[Read], observations: list[Observation],
 
 
 @pytest.mark.slow
-def test_randomized_stress_never_serves_stale_after_a_write(dsn: str, redis_url: str, r: redis.Redis) -> None:
-    """Writers and readers hammer 3 keys for seconds; no read is older than PostgreSQL at an earlier write's return."""
-    stores = [ObservingStore(dsn) for _ in range(N_WRITERS)]
+def test_randomized_stress_never_serves_stale_after_a_write(api: str, dsn: str, redis_url: str, r: redis.Redis,
+                                                            make_cache: Callable[..., TieredCache]) -> None:
+    """Writers and readers hammer 3 keys for seconds; no read is older than PostgreSQL at an earlier write's return.
+
+    With the async API every thread calls through Blocking into the one event loop: ten caches sharing a loop,
+    as the tasks of one async service do.
+    """
+    stores = [open_store(api, OBSERVING[store_base(api)], dsn, max_size=3) for _ in range(N_WRITERS)]
+    observers = [PostgresStore(dsn, max_size=1) for _ in stores] if api == "async" else []
+    for store, observer in zip(stores, observers):
+        store.observer = observer
     # A generous Redis timeout: this test pins the lease protocol under contention, not fault handling
     # (test_faults.py), and a loaded 2-core machine can stall a reply past the 50 ms default.
-    clients = [redis_client(redis_url, timeout=2.0) for _ in range(N_WRITERS)]
-    writers = [TieredCache(s, c) for s, c in zip(stores, clients)]
-    readers = [TieredCache.connect(dsn, redis_url, max_size=3, redis_timeout=2.0) for _ in range(N_READERS)]
+    writers = [new_cache(api, s, new_redis_client(api, redis_url, timeout=2.0), owns_clients=True) for s in stores]
+    readers = [make_cache(dsn, redis_url, max_size=3, redis_timeout=2.0) for _ in range(N_READERS)]
     caches = writers + readers
     reads: list[Read] = []
     observations: list[Observation] = []
@@ -576,7 +554,7 @@ def test_randomized_stress_never_serves_stale_after_a_write(dsn: str, redis_url:
     errors: list[BaseException] = []
     counts: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-    deadline = time.monotonic() + DURATION
+    deadline = time.monotonic() + DURATION[api]
     now = time.monotonic_ns
 
     def count(what: str) -> None:
@@ -654,7 +632,7 @@ def test_randomized_stress_never_serves_stale_after_a_write(dsn: str, redis_url:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(DURATION + 30)
+            t.join(DURATION[api] + 30)
         assert not any(t.is_alive() for t in threads), "a worker hung"
         assert not errors, errors[0]
 
@@ -672,10 +650,8 @@ def test_randomized_stress_never_serves_stale_after_a_write(dsn: str, redis_url:
     finally:
         for c in caches:
             c.close()
-        for s in stores:
-            s.close()
-        for cl in clients:
-            cl.close()
+        for o in observers:
+            o.close()
 
     # Final consistency: every cached entry and history is exactly what PostgreSQL says now.
     with TieredCache.connect(dsn, redis_url) as checker:
