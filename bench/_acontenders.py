@@ -205,8 +205,11 @@ class AiocachePeer(_CacheAside):
         await self.cache.close()
 
 
-async def build(dsn: str, redis_url: str, targets: Sequence[str]) -> list[AsyncContender]:
-    """Every contender, its data written and read once (so each serves from its cache); the floor first."""
+async def build(dsn: str, redis_url: str, targets: Sequence[str], redis_timeout: float = 0.05) -> list[AsyncContender]:
+    """Every contender, its data written and read once (so each serves from its cache); the floor first.
+
+    redis_timeout goes to both AsyncTieredCache clients, so the floor (on the first one's client) has it too.
+    """
     import asyncio
 
     from tiered_cache import AsyncTieredCache
@@ -214,22 +217,24 @@ async def build(dsn: str, redis_url: str, targets: Sequence[str]) -> list[AsyncC
     from ._workload import document_pool
 
     docs = document_pool(1)
-    cache = await AsyncTieredCache.connect(dsn, redis_url, namespace=NAMESPACE)
+    cache = await AsyncTieredCache.connect(dsn, redis_url, namespace=NAMESPACE, redis_timeout=redis_timeout)
     for i, t in enumerate(targets):
         await cache.write_cache(APP, SITE, t, docs[i % len(docs)], "bench-amicro", 80)
         if i % 3 == 0:  # some keys have an older row behind the newest
             await cache.write_cache(APP, SITE, t, docs[(i + 7) % len(docs)], "bench-amicro", 81)
-    near = await AsyncTieredCache.connect(dsn, redis_url, namespace=NAMESPACE, near_max_entries=10_000,
-                                          near_max_age=3600.0)
+    near = await AsyncTieredCache.connect(dsn, redis_url, namespace=NAMESPACE, redis_timeout=redis_timeout,
+                                          near_max_entries=10_000, near_max_age=3600.0)
     if near.listener is not None:  # the near tier serves only once its listener is subscribed
         await asyncio.to_thread(near.listener.subscribed.wait, 5)
     cashews, aiocache = CashewsPeer(cache.store, redis_url), AiocachePeer(cache.store, redis_url)
     await cashews.cache.init()
-    tiered = Tiered(cache, "AsyncTieredCache redis", "connect() defaults")
+    setting = "connect() defaults" if redis_timeout == 0.05 else f"redis_timeout={redis_timeout:g} s"
+    tiered = Tiered(cache, "AsyncTieredCache redis", setting)
     out: list[AsyncContender] = [
         RawFloor(cache, targets),
         tiered,
-        Tiered(near, "AsyncTieredCache near+redis", "near_max_entries=10000, near_max_age=3600 s (as bench.micro)"),
+        Tiered(near, "AsyncTieredCache near+redis",
+               f"near_max_entries=10000, near_max_age=3600 s (as bench.micro); {setting}"),
         cashews,
         aiocache,
     ]

@@ -1,8 +1,8 @@
-"""Async hit-path micro-benchmark: AsyncTieredCache, cashews and aiocache against raw redis.asyncio + orjson, in one loop.
+"""Async hit-path micro-benchmark: AsyncTieredCache, cashews, aiocache and a raw redis.asyncio floor in one loop.
 
 Ops: get_latest and get_history(limit=2) of one key (the chat turn's two reads) and get_many(50) (a board
 page), every one a hit. The floor is redis.asyncio GET / HGET / MGET of the very keys and bytes
-AsyncTieredCache stored, on its own client, plus orjson.loads. Contenders take turns within every round
+AsyncTieredCache stored, on AsyncTieredCache's own client, plus orjson.loads. Contenders take turns within every round
 (the first one rotated each round), so drift falls on all alike; the ratio is the median of per-round
 ratios to the floor. --runs repeats the whole measurement and reports the ratio's min/median/max over
 runs. The concurrency sweep (bench/_asweep.py) runs N tasks at once on the same loop.
@@ -57,14 +57,21 @@ async def verify(contenders: Sequence[AsyncContender], targets: Sequence[str]) -
     return out
 
 
-async def _timed(fn: Callable[[], Awaitable[Any]], n: int, lat: list[int]) -> int:
-    """Await fn() n times, one after another; per-call ns into lat; returns the total ns."""
+async def _timed(fn: Callable[[], Awaitable[Any]], n: int, lat: list[int], failed: list[str]) -> int:
+    """Await fn() n times, one after another; per-call ns into lat; returns the total ns.
+
+    A call that raises (the floor has the library's 50 ms timeout and no PostgreSQL behind it) is
+    counted in failed by type and keeps the time it took; the library serves such a read from PostgreSQL.
+    """
     pc = time.perf_counter_ns
     append = lat.append
     start = pc()
     for _ in range(n):
         t0 = pc()
-        await fn()
+        try:
+            await fn()
+        except Exception as exc:
+            failed.append(type(exc).__name__)
         append(pc() - t0)
     return pc() - start
 
@@ -80,9 +87,10 @@ async def measure(contenders: Sequence[AsyncContender], targets: Sequence[str], 
     calls = [op_calls(c, targets) for c in contenders]
     lat = [[[] for _ in contenders] for _ in OPS]  # type: list[list[list[int]]]
     ratios = [[[] for _ in contenders] for _ in OPS]  # type: list[list[list[float]]]
+    failed = [[[] for _ in contenders] for _ in OPS]  # type: list[list[list[str]]]
     for fns in calls:  # warm every path (connections, caches, branch predictors)
         for op in OPS:
-            await _timed(fns[op], 20, [])
+            await _timed(fns[op], 20, [], [])
     k = len(contenders)
     for r in range(rounds):
         order = [(r + i) % k for i in range(k)]
@@ -90,7 +98,7 @@ async def measure(contenders: Sequence[AsyncContender], targets: Sequence[str], 
             n = max(1, batch // DIVISOR[op])
             totals = [0] * k
             for i in order:
-                totals[i] = await _timed(calls[i][op], n, lat[o][i])
+                totals[i] = await _timed(calls[i][op], n, lat[o][i], failed[o][i])
             for i in range(k):
                 ratios[o][i].append(totals[i] / totals[0])
     rows = []
@@ -100,7 +108,8 @@ async def measure(contenders: Sequence[AsyncContender], targets: Sequence[str], 
             xs = lat[o][i]
             rows.append({"op": op, "contender": c.name, "calls": len(xs), "p50_us": statistics.median(xs) / 1e3,
                          "p99_us": _quantile(xs, 0.99) / 1e3, "mean_us": sum(xs) / len(xs) / 1e3,
-                         "ratio": statistics.median(ratios[o][i]), "ratio_p50": statistics.median(xs) / floor_p50})
+                         "ratio": statistics.median(ratios[o][i]), "ratio_p50": statistics.median(xs) / floor_p50,
+                         "failed": {kind: failed[o][i].count(kind) for kind in sorted(set(failed[o][i]))}})
     return rows
 
 
@@ -113,12 +122,14 @@ def summarize(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         out.append({"op": first["op"], "contender": first["contender"], "runs": len(same),
                     "ratio_min": min(ratio), "ratio_median": statistics.median(ratio), "ratio_max": max(ratio),
                     "p50_us": statistics.median(r["p50_us"] for r in same),
-                    "p99_us": statistics.median(r["p99_us"] for r in same)})
+                    "p99_us": statistics.median(r["p99_us"] for r in same),
+                    "failed": sum(sum(r["failed"].values()) for r in same)})
     return out
 
 
 async def run_bench(dsn: str, redis_url: str, *, rounds: int = 100, batch: int = 100, runs: int = 3,
                     sweep_tasks: Sequence[int] = (1, 16, 64, 256), sweep_s: float = 1.0,
+                    redis_timeout: float = 0.05,
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The whole async bench on these servers: setup, correctness check, runs, the sweep, cleanup."""
     from tiered_cache import migrate
@@ -127,7 +138,7 @@ async def run_bench(dsn: str, redis_url: str, *, rounds: int = 100, batch: int =
 
     await asyncio.to_thread(migrate, dsn)
     targets = [f"member-amicro-{i:04d}" for i in range(N_TARGETS)]
-    contenders = await build(dsn, redis_url, targets)
+    contenders = await build(dsn, redis_url, targets, redis_timeout)
     try:
         agree = await verify(contenders, targets)
         per_run = []
@@ -144,7 +155,8 @@ async def run_bench(dsn: str, redis_url: str, *, rounds: int = 100, batch: int =
     finally:
         await close_all(contenders, dsn)
     return {"schema": 1, "contenders": [{"name": c.name, "note": c.note} for c in contenders],
-            "rounds": rounds, "batch": batch, "mismatches": agree, "mismatches_after": agree_after,
+            "rounds": rounds, "batch": batch, "redis_timeout": redis_timeout,
+            "mismatches": agree, "mismatches_after": agree_after,
             "runs": per_run, "summary": summarize(per_run), "sweep": {"tasks": list(sweep_tasks), "seconds": sweep_s,
                                                                      "rows": sweep}}
 
@@ -168,9 +180,10 @@ def render(result: dict[str, Any]) -> str:
            "floor: redis.asyncio GET / HGET / MGET on AsyncTieredCache's client + orjson.loads of the same bytes",
            *(f"  {c['name']}: {c['note']}" for c in result["contenders"] if c["note"]), ""]
     body = [[r["op"], r["contender"], f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['ratio_median']:.3f}x",
-             f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}"] for r in result["summary"]]
+             f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}", str(r["failed"])] for r in result["summary"]]
     if body:
-        out += _table(["op", "contender", "p50 µs", "p99 µs", f"ratio to floor (median of {n})", "min-max"], body)
+        out += _table(["op", "contender", "p50 µs", "p99 µs", f"ratio to floor (median of {n})", "min-max",
+                       "failed calls"], body)
     bad = {k: v for k, v in {**result["mismatches"], **result["mismatches_after"]}.items() if v}
     out.append("\nanswers: " + ("every contender returned the floor's rows" if not bad else f"MISMATCH {bad}"))
     if result["sweep"]["rows"]:
@@ -186,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep-tasks", default="1,16,64,256", help="concurrent tasks at each sweep point")
     p.add_argument("--sweep-seconds", type=float, default=1.0, help="measured seconds per contender per sweep point")
     p.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep")
+    p.add_argument("--redis-timeout", type=float, default=0.05,
+                   help="AsyncTieredCache's redis_timeout (its client is the floor's too); default the library's")
     p.add_argument("--tiny", action="store_true", help="a few calls of everything (the test suite's size)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", type=Path, help="also write the tables to OUT.txt and the JSON to OUT.json")
@@ -208,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with embedded_servers() as (dsn, url):
         result = asyncio.run(run_bench(dsn, url, rounds=args.rounds, batch=args.batch, runs=args.runs,
-                                       sweep_tasks=tasks, sweep_s=args.sweep_seconds, progress=tick))
+                                       sweep_tasks=tasks, sweep_s=args.sweep_seconds, redis_timeout=args.redis_timeout,
+                                       progress=tick))
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 40 + "\r")
     text, data = render(result), orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

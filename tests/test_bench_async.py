@@ -18,7 +18,7 @@ NAMES = ["floor: redis.asyncio + orjson", "AsyncTieredCache redis", "AsyncTiered
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the peers' own deprecations, not ours
 def test_tiny_async_bench_measures_every_contender(dsn: str, redis_url: str, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    """`tiered-cache bench --async --tiny`: every contender in every op, run and sweep point, answering the floor's rows."""
+    """`bench --async --tiny`: every contender in every op, run and sweep point, answering the floor's rows."""
     from tiered_cache.bench import main
 
     monkeypatch.setenv("TIERED_CACHE_DSN", dsn)
@@ -26,13 +26,13 @@ def test_tiny_async_bench_measures_every_contender(dsn: str, redis_url: str, mon
     assert main(["--async", "--tiny", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
 
-    assert [c["name"] for c in result["contenders"]] == NAMES
+    assert [c["name"] for c in result["contenders"]] == NAMES and result["redis_timeout"] == 0.05
     assert result["mismatches"] == result["mismatches_after"] == {name: [] for name in NAMES}
     assert len(result["runs"]) == 2
     for run in result["runs"]:
         assert [(r["op"], r["contender"]) for r in run] == [(op, name) for op in OPS for name in NAMES]
         for r in run:
-            assert r["calls"] > 0 and 0 < r["p50_us"] <= r["p99_us"], r
+            assert r["calls"] > 0 and 0 < r["p50_us"] <= r["p99_us"] and isinstance(r["failed"], dict), r
         assert all(r["ratio"] == 1.0 for r in run if r["contender"] == NAMES[0])
     assert [(r["op"], r["contender"]) for r in result["summary"]] == [(op, name) for op in OPS for name in NAMES]
     for r in result["summary"]:
