@@ -397,6 +397,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching contenders "
                    "(the old service and the floors are always kept, for the ratios)")
     p.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="run the async hit-path bench instead (bench/amicro.py; its flags follow: --async --help)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results.json/.md and chart.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--dsn", help="PostgreSQL DSN (default $TIERED_CACHE_DSN, else a throwaway server)")
@@ -413,6 +415,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table; write results.json, results.md and chart.png. Returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--async" in argv:  # the async bench has flags of its own
+        from .amicro import main as async_main
+
+        argv.remove("--async")
+        return async_main(argv)
     args = parse(argv)
     if args.dsn:
         os.environ["TIERED_CACHE_DSN"] = args.dsn
