@@ -69,6 +69,9 @@ class WakeBus:
 
     def __init__(self, client: Any, channel: str) -> None:
         cls, kwargs = sync_connection(client)
+        # It only listens: no restart watch (that one belongs to the cache whose client it came from, and it
+        # would flush and report on that cache's behalf for as long as this bus lives).
+        kwargs.pop("redis_connect_func", None)
         kwargs["socket_timeout"] = 2.0
         self._pool_args = (cls, kwargs)
         self.channel = channel
