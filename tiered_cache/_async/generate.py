@@ -77,6 +77,7 @@ class AsyncGenerations(_Base):
     def _init_generations(self) -> None:
         self.leases = AsyncLeases(self.store)
         self.generation_stats = GenerationStats()
+        self._peeks: dict[Key, _Flight] = {}
 
     async def get_or_generate(
         self,
@@ -137,7 +138,7 @@ class AsyncGenerations(_Base):
         """leases.peek, shared by callers of this object asking for the same key at once: a burst of joiners
         costs PostgreSQL one probe per process, not one per caller. Only a probe sent after a caller began is
         shared with it, so an invalidate that returned before the call cannot be missed."""
-        flights: dict[Key, _Flight] = self.__dict__.setdefault("_peeks", {})
+        flights = self._peeks
         flight = flights.get(key)
         if flight is not None and flight.started >= begun:
             if await await_event(flight.done, POLL) and flight.value is not None:

@@ -78,6 +78,7 @@ class Generations(_Base):
     def _init_generations(self) -> None:
         self.leases = Leases(self.store)
         self.generation_stats = GenerationStats()
+        self._peeks: dict[Key, _Flight] = {}
 
     def get_or_generate(
         self,
@@ -138,7 +139,7 @@ class Generations(_Base):
         """leases.peek, shared by callers of this object asking for the same key at once: a burst of joiners
         costs PostgreSQL one probe per process, not one per caller. Only a probe sent after a caller began is
         shared with it, so an invalidate that returned before the call cannot be missed."""
-        flights: dict[Key, _Flight] = self.__dict__.setdefault("_peeks", {})
+        flights = self._peeks
         flight = flights.get(key)
         if flight is not None and flight.started >= begun:
             if wait_event(flight.done, POLL) and flight.value is not None:
