@@ -80,14 +80,25 @@ class WakeBus:
         self._stop = threading.Event()
         #: Set while subscribed: announcements made from now on reach this process's waiters.
         self.subscribed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tiered_cache-wakeups", daemon=True)
-        self._thread.start()
+        self._running = False  # a thread is subscribed (or subscribing) while anyone waits, and only then
 
     def register(self, entry: str) -> Waiter:
         waiter = Waiter(entry)
         with self._guard:
             self._waiters.setdefault(entry, set()).add(waiter)
+            if not self._running and not self._stop.is_set():
+                self._running = True
+                threading.Thread(target=self._run, name="tiered_cache-wakeups", daemon=True).start()
         return waiter
+
+    def _idle(self) -> bool:
+        """Nobody waits: the thread ends (and unsubscribes); the next register() starts another."""
+        with self._guard:
+            if self._waiters and not self._stop.is_set():
+                return False
+            self._running = False
+            self.subscribed.clear()
+            return True
 
     def unregister(self, waiter: Waiter) -> None:
         with self._guard:
@@ -110,14 +121,14 @@ class WakeBus:
     def _run(self) -> None:
         backoff = 0.05
         cls, kwargs = self._pool_args
-        while not self._stop.is_set():
+        while not self._idle():
             client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, max_connections=1, **kwargs))
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.channel)
                 backoff = 0.05
-                while not self._stop.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
+                while self._waiters and not self._stop.is_set():  # a hint; _idle() decides under the lock
+                    msg = pubsub.get_message(timeout=0.2)
                     if msg is None:
                         if not self.subscribed.is_set() and pubsub.subscribed:
                             self.subscribed.set()
@@ -158,7 +169,7 @@ def bus_for(client: Any, channel: str) -> WakeBus | None:
     with _buses_guard:
         bus = _buses.get(key)
         if bus is None or bus._stop.is_set():
-            bus = _buses[key] = WakeBus(client, channel)
+            bus = _buses[key] = WakeBus(client, channel)  # its thread starts with the first waiter
             _fork.register(bus)
         return bus
 
