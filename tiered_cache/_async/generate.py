@@ -229,8 +229,7 @@ class _Call:
         ks = cache.keys.keyset(*self.key)
         await cache._history_changed(ks)  # the placeholder is in the key's history now
         stop = AEvent()
-        lost: list[bool] = []
-        beat = AWorker(functools.partial(self.heartbeat, grant.token, stop, lost), name="tiered_cache-lease-heartbeat")
+        beat = AWorker(functools.partial(self.heartbeat, grant.token, stop), name="tiered_cache-lease-heartbeat")
         try:
             produced = self.generate()
             if inspect.isawaitable(produced):
@@ -256,13 +255,12 @@ class _Call:
         # result, or the newer holder's, waited for like any other caller's.
         return await self.resolve(await self.acquire(None, None))
 
-    async def heartbeat(self, token: int, stop: Any, lost: list[bool]) -> None:
+    async def heartbeat(self, token: int, stop: Any) -> None:
         """Keep the lease alive while generate() runs: extend it by lease_ttl every third of lease_ttl."""
         every = self.lease_ttl / 3
         while not await await_event(stop, every):
             try:
                 if not await self.cache.leases.heartbeat(self.key, token, self.holder, self.lease_ttl):
-                    lost.append(True)
                     logger.warning("get_or_generate %s: lease %d was taken over; this generation will not be stored",
                                    self.key, token)
                     return

@@ -230,8 +230,7 @@ class _Call:
         ks = cache.keys.keyset(*self.key)
         cache._history_changed(ks)  # the placeholder is in the key's history now
         stop = Event()
-        lost: list[bool] = []
-        beat = Worker(functools.partial(self.heartbeat, grant.token, stop, lost), name="tiered_cache-lease-heartbeat")
+        beat = Worker(functools.partial(self.heartbeat, grant.token, stop), name="tiered_cache-lease-heartbeat")
         try:
             produced = self.generate()
             if inspect.isawaitable(produced):
@@ -257,13 +256,12 @@ class _Call:
         # result, or the newer holder's, waited for like any other caller's.
         return self.resolve(self.acquire(None, None))
 
-    def heartbeat(self, token: int, stop: Any, lost: list[bool]) -> None:
+    def heartbeat(self, token: int, stop: Any) -> None:
         """Keep the lease alive while generate() runs: extend it by lease_ttl every third of lease_ttl."""
         every = self.lease_ttl / 3
         while not wait_event(stop, every):
             try:
                 if not self.cache.leases.heartbeat(self.key, token, self.holder, self.lease_ttl):
-                    lost.append(True)
                     logger.warning("get_or_generate %s: lease %d was taken over; this generation will not be stored",
                                    self.key, token)
                     return

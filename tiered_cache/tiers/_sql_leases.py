@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._sql import LATEST_COLUMNS, _COLS, _KEY, _NEWEST, _SERVABLE
+from ._sql import _COLS, _KEY, _NEWEST, _SERVABLE
 
 ACQUIRE = """
 SELECT outcome, token, placeholder, current_id, failed FROM biz.ai_cache_acquire(
@@ -65,4 +65,4 @@ LEFT JOIN biz.ai_cache_leases l ON l.cache_type = %(cache_type)s AND l.site_id =
 LEFT JOIN LATERAL ({PREVIOUS}) p ON true
 """
 
-__all__ = ["ACQUIRE", "HEARTBEAT", "RELEASE_FAILED", "FINALIZE_FENCED", "PREVIOUS", "PEEK", "LATEST_COLUMNS"]
+__all__ = ["ACQUIRE", "HEARTBEAT", "RELEASE_FAILED", "FINALIZE_FENCED", "PREVIOUS", "PEEK"]
