@@ -140,7 +140,10 @@ def test_with_a_previous_result_every_other_caller_returns_while_the_generation_
     run.release()
     won = run.out(winner)["results"][0]
     assert won["text"] == f"by {winner.pid}" and len(run.calls()) == 1
-    print(f"\n200 callers during a generation, previous result served: {_spread([r['end'] - r['start'] for r in results])}")
+    print(f"\n200 callers during a generation, previous result served: {_spread([r['end'] - r['start'] for r in results])}"
+          + "".join(f"\n  {api} process: {_spread([r['end'] - r['start'] for r in o['results']])}, "
+                    f"first start to last end {(max(r['end'] for r in o['results']) - min(r['start'] for r in o['results'])) * 1000:.1f} ms"
+                    for api, o in zip(("sync", "async", "sync", "async"), outs)))
 
 
 def test_a_generator_killed_mid_call_is_taken_over_within_its_lease(run: Run, dsn: str) -> None:
