@@ -86,7 +86,7 @@ class AsyncPostgresStore:
         return await self._db.read(op, sql, params)
 
     async def _write(self, sql: str, params: dict[str, Any], op: str) -> tuple[Rows, int]:
-        """Run one autocommit write on a connection just proven alive; its rows and row count."""
+        """Run one autocommit write (one round trip; see pg_pool); its rows and row count."""
         return await self._db.write(op, sql, params)
 
     # -- validation -----------------------------------------------------------------------------

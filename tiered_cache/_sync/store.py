@@ -87,7 +87,7 @@ class PostgresStore:
         return self._db.read(op, sql, params)
 
     def _write(self, sql: str, params: dict[str, Any], op: str) -> tuple[Rows, int]:
-        """Run one autocommit write on a connection just proven alive; its rows and row count."""
+        """Run one autocommit write (one round trip; see pg_pool); its rows and row count."""
         return self._db.write(op, sql, params)
 
     # -- validation -----------------------------------------------------------------------------
