@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tiered_cache.bench import _workload
@@ -146,3 +147,27 @@ def test_micro_benchmark_compares_each_hit_path_with_its_floor(dsn: str, redis_u
     assert {"get_latest (Redis hit)", "get_many(50) (Redis hits)"} <= {r["path"] for r in rows}
     assert all(r["ratio"] > 0 for r in rows)
     assert "ratio" in micro.render(rows, 3, 10)
+
+
+def test_write_benchmark_compares_the_store_and_the_cache_with_a_pooled_insert(dsn: str, redis_url: str) -> None:
+    """bench.wmicro: three contenders write the same rows; each one's id holds its document; a table comes out."""
+    from tiered_cache.bench import wmicro
+
+    bench = wmicro.Bench(dsn, redis_url, n_targets=5)
+    try:
+        written = bench.verify()
+        assert set(written) == set(wmicro.CONTENDERS) and len(set(written.values())) == 3
+        calls = bench.calls()
+        ids = [calls[name]() for name in wmicro.CONTENDERS for _ in range(2)]
+        assert ids == sorted(ids)  # each call inserted a new row
+        run = wmicro.measure(calls, rounds=3, batch=2)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            count = conn.execute("SELECT count(*) FROM biz.ai_cache WHERE site_id = %s", (wmicro.SITE,)).fetchone()[0]  # type: ignore[index]
+        assert count == 3 + 6 + 3 * (20 + 3 * 2)  # verify, the calls above, warm-up and rounds of every contender
+    finally:
+        bench.close()
+    assert set(run) == set(wmicro.CONTENDERS) and run[wmicro.FLOOR]["ratio"] == 1.0
+    assert all(r["p99_us"] >= r["p50_us"] > 0 for r in run.values())
+    rows = wmicro.summarize([run, run])
+    text = wmicro.render(rows, 3, 2, 2)
+    assert all(name in text for name in wmicro.CONTENDERS) and "p50 ratio" in text

@@ -5,8 +5,15 @@
   DateStyle=ISO (the only style psycopg's loaders parse). A different TimeZone in the DSN is logged.
   PGTZ and PGDATESTYLE in the environment would still override options, so a session that starts with
   other values is SET to ours before it enters the pool (one more round trip, only then).
-- A write runs on a connection just proven alive by an empty statement: if that probe fails, the write
-  was never sent and may run on a fresh connection; if the write itself fails, it may have committed.
+- A write is one round trip, yet an outage never leaves its outcome unknown unless the write was sent.
+  Before sending, the pooled session's socket is polled (no round trip): in steady state it has nothing to
+  read. A restart, a terminated session, a reset, or keepalives finding the peer gone (about 8 s, see
+  TCP_TIMEOUTS) make it readable; only then is the session first proven alive by an empty statement, as
+  every write used to be. A failure before the write is sent is maybe_committed=False, and the write runs
+  once more on a fresh connection; a failure after it was sent is maybe_committed=True and the write is
+  never sent twice. A peer that vanished without a word (no FIN, no reset) less than the keepalive time ago
+  is found by the write itself: maybe_committed=True, which is true (the outcome is unknown), only less
+  useful than the probe's answer would have been. The certain answer, maybe_committed=False, is exact.
 - After close() nothing is sent: every call raises Closed before touching the pool.
 - fork(): the child never uses, closes or garbage-collects the pool it inherited (its sockets are the
   parent's sessions, and libpq's close would send Terminate on them); it opens its own on first use.
@@ -42,6 +49,7 @@ from ..tiers._store_shared import (
     T,
     _BrokenConnection,
     _Conflict,
+    heard_while_idle,
     session_options,
 )
 
@@ -143,7 +151,7 @@ class AsyncConnections:
         return await self.run_write(op, work)
 
     async def run_write(self, op: str, work: AWork[T]) -> T:
-        """work(conn) on a connection just proven alive; a rolled-back deadlock or serialization loss runs again."""
+        """work(conn) on a connection not known broken; a rolled-back deadlock or serialization loss runs again."""
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
                 return await self._write_once(op, work)
@@ -157,12 +165,14 @@ class AsyncConnections:
         probe_failed = False
         try:
             async with self.connection(op) as conn:
-                try:
-                    # A pooled connection may predate an outage: if this probe fails, the write was never sent.
-                    await conn.execute("")
-                except psycopg.OperationalError:
-                    probe_failed = True
-                    raise
+                if heard_while_idle(conn):
+                    try:
+                        # Something arrived while it sat in the pool (an outage?): if this probe fails, the
+                        # write was never sent.
+                        await conn.execute("")
+                    except psycopg.OperationalError:
+                        probe_failed = True
+                        raise
                 return await work(conn)
         except _BrokenConnection:
             if not probe_failed:

@@ -87,7 +87,7 @@ class PostgresStore:
         return self._db.read(op, sql, params)
 
     def _write(self, sql: str, params: dict[str, Any], op: str) -> tuple[Rows, int]:
-        """Run one autocommit write on a connection just proven alive; its rows and row count."""
+        """Run one autocommit write (one round trip; see pg_pool); its rows and row count."""
         return self._db.write(op, sql, params)
 
     # -- validation -----------------------------------------------------------------------------
@@ -202,10 +202,10 @@ class PostgresStore:
         score: int | None = None,
         expires_at: datetime | None = None,
     ) -> int:
-        """Insert a 'valid' row (expiry from the policy unless given) and return its id."""
+        """Insert a 'valid' row (expiry from the policy unless given) and return its id (the only thing sent back)."""
         params = self.prepare_write(cache_type, site_id, target_id, result_json, triggered_by, score, expires_at)
-        outcome = self.write(params)
-        return outcome.id  # type: ignore[return-value]
+        rows, _ = self._write(_sql.WRITE_ID, params, "write_cache")
+        return rows[0][0]
 
     def set_generating(self, cache_type: str, site_id: int, target_id: str, triggered_by: str | None = None) -> int:
         """Insert a 'generating' placeholder; readers keep getting the previous valid result."""

@@ -51,6 +51,14 @@ UNION ALL
 (SELECT {_COLS}, true, pg_current_xact_id()::text FROM biz.ai_cache WHERE {_KEY} AND {_SERVABLE} {_NEWEST} LIMIT 1)
 """
 
+# PostgresStore.write_cache answers with the id only: nothing else comes back (TieredCache writes with WRITE).
+WRITE_ID = """
+INSERT INTO biz.ai_cache (cache_type, site_id, target_id, result_json, triggered_by, score, expires_at, status)
+VALUES (%(cache_type)s, %(site_id)s, %(target_id)s, %(result_json)s::jsonb, %(triggered_by)s, %(score)s, %(expires_at)s,
+        'valid')
+RETURNING id
+"""
+
 SET_GENERATING = """
 INSERT INTO biz.ai_cache (cache_type, site_id, target_id, result_json, status, triggered_by)
 VALUES (%(cache_type)s, %(site_id)s, %(target_id)s, '{}'::jsonb, 'generating', %(triggered_by)s)

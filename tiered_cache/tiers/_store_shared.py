@@ -1,8 +1,9 @@
 """What the sync and the async PostgreSQL store share, defined once so isinstance and except work across both.
 
 Results (WriteOutcome, SweepReport), the session settings (TCP_TIMEOUTS, session_options), the failure
-classes (_Conflict, _BrokenConnection) and psycopg_pool's capped reconnection backoff do no I/O; the
-stores themselves are tiered_cache/_async/store.py and pg_pool.py and their generated twins in _sync/.
+classes (_Conflict, _BrokenConnection) and psycopg_pool's capped reconnection backoff do no I/O, and
+heard_while_idle only polls a socket (nothing is sent or read); the stores themselves are
+tiered_cache/_async/store.py and pg_pool.py and their generated twins in _sync/.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,6 +95,28 @@ class _Conflict(StoreUnavailable):
 
 class _BrokenConnection(StoreUnavailable):
     """A pooled connection failed mid-use; worth one retry on a fresh one (a pool timeout is not)."""
+
+
+def heard_while_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """True if the socket of an idle session is readable: the server said something, closed it, or it was reset.
+
+    A session in the pool has read every answer it asked for, so in steady state there is nothing to read.
+    A restart, pg_terminate_backend or idle_session_timeout sends a FATAL notice and closes (EOF); a reset,
+    or TCP keepalives finding the peer gone (TCP_TIMEOUTS: about 8 s), leave an error: each makes the socket
+    readable and stays so until libpq reads it. A poll with no wait: nothing is sent or read.
+    """
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:  # libpq has no socket any more: certainly broken
+        return True
+    if _poll is None:  # pragma: no cover - no poll() (Windows): select() is limited to small descriptors there too
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = _poll()
+    poller.register(fd, select.POLLIN)  # POLLERR and POLLHUP are reported whether asked for or not
+    return bool(poller.poll(0))
+
+
+_poll = getattr(select, "poll", None)
 
 
 CappedBackoff: Any = None
