@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -35,7 +36,7 @@ import psycopg_pool
 from psycopg.types.json import set_json_loads
 
 from .. import _fork
-from .._acompat import ALock, aopen_pool
+from .._acompat import ALock, aopen_pool, asleep
 from ..errors import Closed, StoreUnavailable
 from ..tiers._pg_timestamps import safe_cursor
 from ..tiers._store_shared import (
@@ -158,6 +159,8 @@ class AsyncConnections:
             except _Conflict:
                 if attempt == CONFLICT_ATTEMPTS:
                     raise
+                # Not at once: the transaction we lost to may still hold its locks (jittered, 1-20 ms).
+                await asleep(random.uniform(0.001, 0.01) * attempt)
         raise AssertionError("unreachable")
 
     async def _write_once(self, op: str, work: AWork[T]) -> T:

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -36,7 +37,7 @@ import psycopg_pool
 from psycopg.types.json import set_json_loads
 
 from .. import _fork
-from .._acompat import Lock, open_pool
+from .._acompat import Lock, open_pool, sleep
 from ..errors import Closed, StoreUnavailable
 from ..tiers._pg_timestamps import safe_cursor
 from ..tiers._store_shared import (
@@ -159,6 +160,8 @@ class Connections:
             except _Conflict:
                 if attempt == CONFLICT_ATTEMPTS:
                     raise
+                # Not at once: the transaction we lost to may still hold its locks (jittered, 1-20 ms).
+                sleep(random.uniform(0.001, 0.01) * attempt)
         raise AssertionError("unreachable")
 
     def _write_once(self, op: str, work: Work[T]) -> T:

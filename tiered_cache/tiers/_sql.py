@@ -80,10 +80,14 @@ UNION ALL
  WHERE {_KEY} AND {_SERVABLE} AND id <> %(id)s AND EXISTS (SELECT 1 FROM upd) {_NEWEST} LIMIT 1)
 """
 
+# Row locks are taken in id order (the `locked` CTEs here and in INVALIDATE_SITE and the sweeps), so two
+# statements changing overlapping rows wait for each other instead of deadlocking.
 INVALIDATE = f"""
-WITH upd AS (
+WITH locked AS (
+    SELECT id FROM biz.ai_cache WHERE {_KEY} AND (status = 'valid' OR status IS NULL) ORDER BY id FOR UPDATE
+), upd AS (
     UPDATE biz.ai_cache SET status = 'invalidated'
-    WHERE {_KEY} AND (status = 'valid' OR status IS NULL)
+    WHERE id IN (SELECT id FROM locked) AND (status = 'valid' OR status IS NULL)
     RETURNING 1
 )
 SELECT count(*), pg_current_xact_id()::text FROM upd
@@ -97,10 +101,14 @@ INVALIDATE_SITE = """
 WITH before AS (
     SELECT DISTINCT cache_type, target_id FROM biz.ai_cache
     WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
-), upd AS (
-    UPDATE biz.ai_cache SET status = 'invalidated'
+), locked AS (
+    SELECT id FROM biz.ai_cache
     WHERE site_id = %(site_id)s AND (%(cache_type)s::text IS NULL OR cache_type = %(cache_type)s)
       AND (status = 'valid' OR status IS NULL)
+    ORDER BY id FOR UPDATE
+), upd AS (
+    UPDATE biz.ai_cache SET status = 'invalidated'
+    WHERE id IN (SELECT id FROM locked) AND (status = 'valid' OR status IS NULL)
     RETURNING cache_type, target_id
 ), changed AS (
     SELECT cache_type, target_id, count(*) AS n FROM upd GROUP BY cache_type, target_id
@@ -115,7 +123,7 @@ UPDATE biz.ai_cache SET status = 'expired'
 WHERE id IN (
     SELECT id FROM biz.ai_cache
     WHERE expires_at IS NOT NULL AND expires_at <= now() AND (status = 'valid' OR status IS NULL)
-    LIMIT %(batch)s
+    ORDER BY id LIMIT %(batch)s FOR UPDATE
 )
 """
 
@@ -124,7 +132,7 @@ UPDATE biz.ai_cache SET status = 'expired'
 WHERE id IN (
     SELECT id FROM biz.ai_cache
     WHERE status = 'generating' AND created_at < now() - %(timeout)s
-    LIMIT %(batch)s
+    ORDER BY id LIMIT %(batch)s FOR UPDATE
 )
 """
 
