@@ -3,9 +3,9 @@
 Each also builds a board page's response body (page_body: the JSON bytes of {target: row or null}) its
 best way: AsyncTieredCache from get_many_json's bytes (orjson.Fragment), the peers by encoding get_many's
 rows, the floor by MGET + orjson.loads + orjson.dumps (the decoding floor), the passthrough floor by
-joining the MGET bytes. The floor reads the very keys and bytes AsyncTieredCache stored, on the very client (and pool) it uses;
-the peers (cashews, aiocache) are cache-aside over the same AsyncPostgresStore, filled with the same rows
-before anything is timed, each with its own default serializer and client.
+joining the MGET bytes. The floors read the very keys and bytes AsyncTieredCache stored, on the very
+client (and pool) it uses; the peers (cashews, aiocache) are cache-aside over the same AsyncPostgresStore,
+filled with the same rows before anything is timed, each with its own default serializer and client.
 """
 
 from __future__ import annotations

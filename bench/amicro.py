@@ -2,11 +2,12 @@
 
 Ops: get_latest and get_history(limit=2) of one key (the chat turn's two reads), get_many(50) (a board
 page), and page body(50): that page as the JSON bytes a handler sends (AsyncTieredCache: get_many_json's
-bytes in one orjson.dumps with orjson.Fragment), every one a hit. The floor is redis.asyncio GET / HGET / MGET of the very keys and bytes
-AsyncTieredCache stored, on AsyncTieredCache's own client, plus orjson.loads. Contenders take turns within every round
-(the first one rotated each round), so drift falls on all alike; the ratio is the median of per-round
-ratios to the floor. --runs repeats the whole measurement and reports the ratio's min/median/max over
-runs. A second floor passes the bytes through undecoded (a page: the MGET bytes joined). The concurrency sweep (bench/_asweep.py) runs N tasks at once on the same loop.
+bytes in one orjson.dumps with orjson.Fragment), every one a hit. The floor is redis.asyncio GET / HGET /
+MGET of the very keys and bytes AsyncTieredCache stored, on AsyncTieredCache's own client, plus orjson.loads
+(page body: plus orjson.dumps of the page). Contenders take turns within every round (the first one rotated
+each round), so drift falls on all alike; the ratio is the median of per-round ratios to the floor. --runs repeats the whole measurement and reports the ratio's min/median/max over
+runs. A second floor passes the bytes through undecoded (a page: the MGET bytes joined). The concurrency
+sweep (bench/_asweep.py) runs N tasks at once on the same loop.
 
     python -m bench.amicro [--rounds 100] [--batch 100] [--runs 3] [--no-sweep] [--json]
     tiered-cache bench --async [the same flags]

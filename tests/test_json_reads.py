@@ -1,4 +1,4 @@
-"""The JSON reads (get_latest_json, get_many_json, get_history_json): the dict answer's orjson bytes, from every tier."""
+"""The JSON reads (get_latest_json, get_many_json, get_history_json): the dict answers' orjson bytes, on every tier."""
 
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ _JSON = st.recursive(_SCALARS, lambda inner: st.one_of(
 RESULTS = st.dictionaries(_TEXT, _JSON, max_size=5)
 _ZONES = st.sampled_from([timezone.utc, ZoneInfo("Asia/Shanghai"), timezone(timedelta(hours=-5, minutes=-45))])
 # Far enough ahead that no row expires while an example runs, whatever the machine's load.
-EXPIRIES = st.one_of(st.none(), st.builds(
-    lambda days, micros, zone: (datetime.now(timezone.utc) + timedelta(days=days, microseconds=micros)).astimezone(zone),
-    st.integers(1, 3650), st.integers(0, 86_400 * 10**6), _ZONES))
+def _ahead(days: int, micros: int, zone: Any) -> datetime:
+    return (datetime.now(timezone.utc) + timedelta(days=days, microseconds=micros)).astimezone(zone)
+
+
+EXPIRIES = st.one_of(st.none(), st.builds(_ahead, st.integers(1, 3650), st.integers(0, 86_400 * 10**6), _ZONES))
 WRITES = st.fixed_dictionaries({
     "result_json": RESULTS,
     "score": st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1)),

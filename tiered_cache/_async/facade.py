@@ -40,7 +40,7 @@ _TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed
 
 
 class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
-    """Same methods and return shapes as AsyncPostgresStore, served from Redis when it can be, never stale after a write."""
+    """AsyncPostgresStore's methods and answers (reads also as JSON bytes), from cache, never stale after a write."""
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ _TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed
 
 
 class TieredCache(Generations, CacheWrites):
-    """Same methods and return shapes as PostgresStore, served from Redis when it can be, never stale after a write."""
+    """PostgresStore's methods and answers (reads also as JSON bytes), from cache, never stale after a write."""
 
     def __init__(
         self,

@@ -121,7 +121,8 @@ class NearTier:
     ) -> None:
         """Store an answer read when the epoch was `epoch`, unless its key (or `base` entry) was evicted since.
 
-        `at` is the row's expiry in Unix milliseconds (policy.entries.expires_at_ms), None for none. `started` (this tier's timer when the read began) starts the max_age clock, so a slow read cannot
+        `at` is the row's expiry in Unix milliseconds (policy.entries.expires_at_ms), None for none.
+        `started` (this tier's timer when the read began) starts the max_age clock, so a slow read cannot
         stretch the staleness bound.
         """
         if not self.active:
