@@ -1,8 +1,11 @@
 """The async hit-path contenders: each serves get_latest / get_history / get_many of the same rows in one event loop.
 
-The floor reads the very keys and bytes AsyncTieredCache stored, on the very client (and pool) it uses;
-the peers (cashews, aiocache) are cache-aside over the same AsyncPostgresStore, filled with the same rows
-before anything is timed, each with its own default serializer and client.
+Each also builds a board page's response body (page_body: the JSON bytes of {target: row or null}) its
+best way: AsyncTieredCache from get_many_json's bytes (orjson.Fragment), the peers by encoding get_many's
+rows, the floor by MGET + orjson.loads + orjson.dumps (the decoding floor), the passthrough floor by
+joining the MGET bytes. The floors read the very keys and bytes AsyncTieredCache stored, on the very
+client (and pool) it uses; the peers (cashews, aiocache) are cache-aside over the same AsyncPostgresStore,
+filled with the same rows before anything is timed, each with its own default serializer and client.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ class AsyncContender:
 
     async def get_many(self, targets: Sequence[str]) -> Any:
         raise NotImplementedError
+
+    async def page_body(self, targets: Sequence[str]) -> bytes:
+        """A board page as a handler sends it: the JSON bytes of {target: row or null}."""
+        return orjson.dumps(await self.get_many(targets))
+
+    def as_row(self, answer: Any) -> Any:
+        """get_latest's or get_history's answer as rows, to compare contenders (not timed)."""
+        return answer
 
     def as_many(self, answer: Any, targets: Sequence[str]) -> dict[str, Any]:
         """get_many's answer as {target: row}, to compare contenders (not timed)."""
@@ -71,8 +82,45 @@ class RawFloor(AsyncContender):
         loads, entry = orjson.loads, self.entry
         return [loads(r) for r in await self.client.mget([entry[t] for t in targets])]
 
+    async def page_body(self, targets: Sequence[str]) -> bytes:
+        loads, entry = orjson.loads, self.entry
+        rows = [loads(r) for r in await self.client.mget([entry[t] for t in targets])]
+        return orjson.dumps(dict(zip(targets, rows)))
+
     def as_many(self, answer: Any, targets: Sequence[str]) -> dict[str, Any]:
         return dict(zip(targets, answer))
+
+
+class PassthroughFloor(RawFloor):
+    """The same reads with nothing decoded: the bytes as Redis returns them; a page is the MGET bytes joined."""
+
+    name = "floor: redis.asyncio bytes"
+    note = "the same client, keys and bytes; no decode (what serving bytes as they are costs at least)"
+
+    def __init__(self, cache: Any, targets: Sequence[str]) -> None:
+        super().__init__(cache, targets)
+        self.member = {t: orjson.dumps(t) + b":" for t in targets}  # each page key, JSON-encoded before timing
+
+    async def get_latest(self, target: str) -> Any:
+        return await self.client.get(self.entry[target])
+
+    async def get_history(self, target: str) -> Any:
+        return await self.client.hget(self.history[target], self.limit)
+
+    async def get_many(self, targets: Sequence[str]) -> Any:
+        entry = self.entry
+        return await self.client.mget([entry[t] for t in targets])
+
+    async def page_body(self, targets: Sequence[str]) -> bytes:
+        entry, member = self.entry, self.member
+        raws = await self.client.mget([entry[t] for t in targets])
+        return b"{" + b",".join([member[t] + raw for t, raw in zip(targets, raws)]) + b"}"
+
+    def as_row(self, answer: Any) -> Any:
+        return orjson.loads(answer)
+
+    def as_many(self, answer: Any, targets: Sequence[str]) -> dict[str, Any]:
+        return dict(zip(targets, map(orjson.loads, answer)))
 
 
 class Tiered(AsyncContender):
@@ -89,6 +137,11 @@ class Tiered(AsyncContender):
 
     async def get_many(self, targets: Sequence[str]) -> Any:
         return await self.cache.get_many(APP, SITE, targets)
+
+    async def page_body(self, targets: Sequence[str]) -> bytes:
+        page = await self.cache.get_many_json(APP, SITE, targets)
+        fragment = orjson.Fragment
+        return orjson.dumps({t: None if raw is None else fragment(raw) for t, raw in page.items()})
 
     def tier_errors(self) -> int | None:
         stats = self.cache.redis.stats
@@ -176,6 +229,33 @@ class CashewsPeer(_CacheAside):
         await self.cache.close()
 
 
+class CashewsClientSidePeer(CashewsPeer):
+    """cashews with client_side=True: a local copy kept coherent by CLIENT TRACKING BCAST (Redis >= 6)."""
+
+    name = "cashews client-side"
+    prefix = ""  # client-side mode prefixes keys itself, with client_side_prefix
+    note = "client_side=True: local hits return the cached object itself, not a copy; its defaults otherwise"
+
+    def __init__(self, store: Any, redis_url: str) -> None:
+        _CacheAside.__init__(self, store)
+        from cashews import Cache
+
+        self.cache = Cache()
+        self.backend = self.cache.setup(redis_url, client_side=True, client_side_prefix=f"{NAMESPACE}-cs:",
+                                        suppress=False)
+
+    async def started(self) -> None:
+        """Wait until tracking is subscribed: before that its local copy is not used."""
+        import asyncio
+
+        await self.cache.init()
+        for _ in range(500):
+            if self.backend._listen_started.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("cashews client-side tracking did not start (CLIENT TRACKING BCAST not subscribed)")
+
+
 class AiocachePeer(_CacheAside):
     """aiocache's RedisCache (get / multi_get / set)."""
 
@@ -227,15 +307,19 @@ async def build(dsn: str, redis_url: str, targets: Sequence[str], redis_timeout:
     if near.listener is not None:  # the near tier serves only once its listener is subscribed
         await asyncio.to_thread(near.listener.subscribed.wait, 5)
     cashews, aiocache = CashewsPeer(cache.store, redis_url), AiocachePeer(cache.store, redis_url)
+    cashews_local = CashewsClientSidePeer(cache.store, redis_url)
     await cashews.cache.init()
+    await cashews_local.started()
     setting = "connect() defaults" if redis_timeout == 0.05 else f"redis_timeout={redis_timeout:g} s"
     tiered = Tiered(cache, "AsyncTieredCache redis", setting)
     out: list[AsyncContender] = [
         RawFloor(cache, targets),
+        PassthroughFloor(cache, targets),
         tiered,
         Tiered(near, "AsyncTieredCache near+redis",
                f"near_max_entries=10000, near_max_age=3600 s (as bench.micro); {setting}"),
         cashews,
+        cashews_local,
         aiocache,
     ]
     for c in [tiered, *out]:  # the library fills Redis first (the floor reads its keys), then every other cache

@@ -1,11 +1,13 @@
 """Async hit-path micro-benchmark: AsyncTieredCache, cashews, aiocache and a raw redis.asyncio floor in one loop.
 
-Ops: get_latest and get_history(limit=2) of one key (the chat turn's two reads) and get_many(50) (a board
-page), every one a hit. The floor is redis.asyncio GET / HGET / MGET of the very keys and bytes
-AsyncTieredCache stored, on AsyncTieredCache's own client, plus orjson.loads. Contenders take turns within every round
-(the first one rotated each round), so drift falls on all alike; the ratio is the median of per-round
-ratios to the floor. --runs repeats the whole measurement and reports the ratio's min/median/max over
-runs. The concurrency sweep (bench/_asweep.py) runs N tasks at once on the same loop.
+Ops: get_latest and get_history(limit=2) of one key (the chat turn's two reads), get_many(50) (a board
+page), and page body(50): that page as the JSON bytes a handler sends (AsyncTieredCache: get_many_json's
+bytes in one orjson.dumps with orjson.Fragment), every one a hit. The floor is redis.asyncio GET / HGET /
+MGET of the very keys and bytes AsyncTieredCache stored, on AsyncTieredCache's own client, plus orjson.loads
+(page body: plus orjson.dumps of the page). Contenders take turns within every round (the first one rotated
+each round), so drift falls on all alike; the ratio is the median of per-round ratios to the floor. --runs repeats the whole measurement and reports the ratio's min/median/max over
+runs. A second floor passes the bytes through undecoded (a page: the MGET bytes joined). The concurrency
+sweep (bench/_asweep.py) runs N tasks at once on the same loop.
 
     python -m bench.amicro [--rounds 100] [--batch 100] [--runs 3] [--no-sweep] [--json]
     tiered-cache bench --async [the same flags]
@@ -27,9 +29,9 @@ import orjson
 
 from ._acontenders import AsyncContender, build, close_all
 
-OPS = ("get_latest", "get_history", "get_many(50)")
+OPS = ("get_latest", "get_history", "get_many(50)", "page body(50)")
 #: Each op's share of a round's calls: a get_many reads 50 keys, so it gets a tenth of the calls.
-DIVISOR = {"get_latest": 1, "get_history": 1, "get_many(50)": 10}
+DIVISOR = {"get_latest": 1, "get_history": 1, "get_many(50)": 10, "page body(50)": 10}
 N_TARGETS = 60
 
 
@@ -37,7 +39,7 @@ def op_calls(c: AsyncContender, targets: Sequence[str]) -> dict[str, Callable[[]
     """op -> a no-argument coroutine function on contender c; every contender reads the same keys."""
     one, many = targets[0], list(targets[:50])
     return {"get_latest": lambda: c.get_latest(one), "get_history": lambda: c.get_history(one),
-            "get_many(50)": lambda: c.get_many(many)}
+            "get_many(50)": lambda: c.get_many(many), "page body(50)": lambda: c.page_body(many)}
 
 
 async def verify(contenders: Sequence[AsyncContender], targets: Sequence[str]) -> dict[str, list[str]]:
@@ -47,12 +49,15 @@ async def verify(contenders: Sequence[AsyncContender], targets: Sequence[str]) -
     want_latest = {t: await floor.get_latest(t) for t in targets}
     want_history = {t: await floor.get_history(t) for t in targets}
     want_many = floor.as_many(await floor.get_many(many), many)
-    out: dict[str, list[str]] = {floor.name: []}
+    want_page = await floor.page_body(many)
+    out: dict[str, list[str]] = {floor.name: [] if orjson.loads(want_page) == want_many else ["page body(50)"]}
     for c in others:
-        bad = [f"get_latest {t}" for t in targets if await c.get_latest(t) != want_latest[t]]
-        bad += [f"get_history {t}" for t in targets if await c.get_history(t) != want_history[t]]
+        bad = [f"get_latest {t}" for t in targets if c.as_row(await c.get_latest(t)) != want_latest[t]]
+        bad += [f"get_history {t}" for t in targets if c.as_row(await c.get_history(t)) != want_history[t]]
         if c.as_many(await c.get_many(many), many) != want_many:
             bad.append("get_many(50)")
+        if orjson.loads(await c.page_body(many)) != want_many:
+            bad.append("page body(50)")
         out[c.name] = bad
     return out
 
@@ -177,7 +182,8 @@ def render(result: dict[str, Any]) -> str:
     n = len(result["runs"])
     out = [f"async hit-path micro-benchmark: {n} run(s) x {result['rounds']} rounds x {result['batch']} calls "
            f"(get_many: a tenth), contenders interleaved in one event loop",
-           "floor: redis.asyncio GET / HGET / MGET on AsyncTieredCache's client + orjson.loads of the same bytes",
+           "floor: redis.asyncio GET / HGET / MGET on AsyncTieredCache's client + orjson.loads of the same bytes "
+           "(page body: + orjson.dumps of the page)",
            *(f"  {c['name']}: {c['note']}" for c in result["contenders"] if c["note"]), ""]
     body = [[r["op"], r["contender"], f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['ratio_median']:.3f}x",
              f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}", str(r["failed"])] for r in result["summary"]]

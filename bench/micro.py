@@ -6,6 +6,10 @@ every round; each figure is the median over rounds, and the ratio is the median 
 ratios, so drift cancels. With the near tier available, its hit is compared with a bare cachetools
 lookup plus the orjson decode a mutation-safe near cache needs.
 
+Page bodies: a board page of 50 as the JSON bytes a handler sends. TieredCache builds it from
+get_many_json's bytes (one orjson.dumps with orjson.Fragment); the decoding floor is MGET + orjson.loads
++ orjson.dumps of the page, the passthrough floor MGET + the bytes joined (keys encoded before timing).
+
     python -m tiered_cache.bench.micro [--rounds 200] [--batch 200]
 """
 
@@ -43,7 +47,18 @@ def paths(cache: Any, near_cache: Any | None, targets: list[str]) -> dict[str, t
     key = cache.keys.entry(APP, SITE, one)
     many = targets[:50]
     keys = [cache.keys.entry(APP, SITE, t) for t in many]
-    loads = orjson.loads
+    loads, dumps, fragment = orjson.loads, orjson.dumps, orjson.Fragment
+    members = [orjson.dumps(t) + b":" for t in many]
+
+    def decoded_page(raws: list[bytes]) -> bytes:
+        return dumps(dict(zip(many, [loads(r) for r in raws])))
+
+    def joined_page(raws: list[bytes]) -> bytes:
+        return b"{" + b",".join([m + r for m, r in zip(members, raws)]) + b"}"
+
+    def fragment_page(page: dict[str, bytes | None]) -> bytes:
+        return dumps({t: None if raw is None else fragment(raw) for t, raw in page.items()})
+
     out: dict[str, tuple[Callable[[], Any], Callable[[], Any], int]] = {
         "get_latest (Redis hit)": (
             lambda: cache.get_latest(APP, SITE, one),
@@ -53,6 +68,21 @@ def paths(cache: Any, near_cache: Any | None, targets: list[str]) -> dict[str, t
         "get_many(50) (Redis hits)": (
             lambda: cache.get_many(APP, SITE, many),
             lambda: [loads(r) for r in client.mget(keys)],
+            10,
+        ),
+        "page body: get_many(50) + dumps (Redis) vs decoding floor": (
+            lambda: dumps(cache.get_many(APP, SITE, many)),
+            lambda: decoded_page(client.mget(keys)),
+            10,
+        ),
+        "page body: get_many_json(50) (Redis) vs decoding floor": (
+            lambda: fragment_page(cache.get_many_json(APP, SITE, many)),
+            lambda: decoded_page(client.mget(keys)),
+            10,
+        ),
+        "page body: get_many_json(50) (Redis) vs passthrough floor": (
+            lambda: fragment_page(cache.get_many_json(APP, SITE, many)),
+            lambda: joined_page(client.mget(keys)),
             10,
         ),
     }
@@ -65,6 +95,17 @@ def paths(cache: Any, near_cache: Any | None, targets: list[str]) -> dict[str, t
             lambda: near_cache.get_latest(APP, SITE, one),
             lambda: loads(lru[key]),
             1,
+        )
+        near_cache.get_many(APP, SITE, many)
+        out["page body: get_many_json(50) (near) vs cachetools + decoding"] = (
+            lambda: fragment_page(near_cache.get_many_json(APP, SITE, many)),
+            lambda: decoded_page([lru[k] for k in keys]),
+            10,
+        )
+        out["page body: get_many_json(50) (near) vs cachetools + join"] = (
+            lambda: fragment_page(near_cache.get_many_json(APP, SITE, many)),
+            lambda: joined_page([lru[k] for k in keys]),
+            10,
         )
     return out
 
@@ -153,7 +194,7 @@ def render(rows: list[dict[str, Any]], rounds: int, batch: int) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     floors = ("floors: redis-py GET / MGET on the same client + orjson.loads of the same bytes; "
-              "near: cachetools LRUCache lookup + orjson.loads")
+              "near: cachetools LRUCache lookup + orjson.loads; page bodies: see the module docstring")
     return "\n".join([f"hit-path micro-benchmark: {rounds} rounds x {batch} calls (get_many: {batch // 10}), interleaved",
                       floors, line(head), "  ".join("-" * w for w in widths), *(line(b) for b in body)])
 

@@ -20,8 +20,9 @@ import os
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Body, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tiered_cache import AsyncTieredCache, ConfigurationError, InvalidInput, migrate
 
@@ -67,19 +68,30 @@ async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": str(exc), "field": exc.field})
 
 
+def json_response(body: bytes) -> Response:
+    """A response of JSON bytes as they are: FastAPI neither validates nor re-encodes them."""
+    return Response(content=body, media_type="application/json")
+
+
+def fragment(answer: bytes | None) -> orjson.Fragment | None:
+    """A cached answer to embed in a larger document without decoding it."""
+    return None if answer is None else orjson.Fragment(answer)
+
+
 @app.get("/board/{site_id}")
-async def board(site_id: int, cache: Cache, targets: str = "", type: CacheType = DEFAULT_TYPE) -> dict[str, Any]:
-    """A page of targets in one round trip: {target: row or null}."""
+async def board(site_id: int, cache: Cache, targets: str = "", type: CacheType = DEFAULT_TYPE) -> Response:
+    """A page of targets in one round trip: {target: row or null}, the cached bytes passed through."""
     ids = [t for t in targets.split(",") if t]
-    return await cache.get_many(type, site_id, ids)
+    page = await cache.get_many_json(type, site_id, ids)
+    return json_response(orjson.dumps({t: fragment(answer) for t, answer in page.items()}))
 
 
 @app.get("/chat/{site_id}/{target_id}")
-async def chat(site_id: int, target_id: str, cache: Cache, type: CacheType = DEFAULT_TYPE) -> dict[str, Any]:
-    """What a chat turn needs: the latest result and the few before it."""
-    latest = await cache.get_latest(type, site_id, target_id)
-    history = await cache.get_history(type, site_id, target_id, limit=3)
-    return {"latest": latest, "history": history}
+async def chat(site_id: int, target_id: str, cache: Cache, type: CacheType = DEFAULT_TYPE) -> Response:
+    """What a chat turn needs: the latest result and the few before it (no row decoded on a hit)."""
+    latest = await cache.get_latest_json(type, site_id, target_id)
+    history = await cache.get_history_json(type, site_id, target_id, limit=3)
+    return json_response(orjson.dumps({"latest": fragment(latest), "history": orjson.Fragment(history)}))
 
 
 @app.post("/results/{site_id}/{target_id}", status_code=201)

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import httpx  # the `web` extra, which ./dev installs
+import orjson
 import pytest
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "fastapi_app.py"
@@ -57,6 +58,14 @@ def _is_closed(cache: Any) -> bool:
     return False
 
 
+async def _passed_through(r: Any, expected: Any) -> None:
+    """A reply of cached JSON bytes: served as application/json, exactly orjson.dumps of the dict reads' answer."""
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.content == orjson.dumps(expected)
+    assert r.json() == orjson.loads(orjson.dumps(expected))
+
+
 def test_write_board_chat_delete_health(example: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """The endpoints' round trip: written rows are served (the repeat from Redis), deleted ones are null."""
     monkeypatch.setenv("TIERED_CACHE_NEAR_MAX_ENTRIES", "0")  # no near tier: a repeat read must be a Redis hit
@@ -71,8 +80,10 @@ def test_write_board_chat_delete_health(example: ModuleType, monkeypatch: pytest
 
         r = await client.get("/board/7", params={"type": "app3_clue", "targets": "t1,t2,nobody"})
         assert r.status_code == 200, r.text
+        cache = app.state.cache
+        await _passed_through(r, await cache.get_many("app3_clue", 7, ["t1", "t2", "nobody"]))
         board = r.json()
-        assert set(board) == {"t1", "t2", "nobody"}
+        assert list(board) == ["t1", "t2", "nobody"]
         assert board["t1"]["result_json"] == {"clue": "red door"} and board["t1"]["id"] == row_id
         assert board["t2"]["result_json"] == {"clue": "blue door"}
         assert board["nobody"] is None
@@ -81,9 +92,12 @@ def test_write_board_chat_delete_health(example: ModuleType, monkeypatch: pytest
         r = await client.get("/board/7", params={"targets": "t1,t2"})
         assert r.status_code == 200 and r.json()["t1"]["id"] == row_id
         assert app.state.cache.stats()["redis"]["hits"] > hits, app.state.cache.stats()
+        await _passed_through(r, await cache.get_many("app3_clue", 7, ["t1", "t2"]))
 
         r = await client.get("/chat/7/t1", params={"type": "app3_clue"})
         assert r.status_code == 200, r.text
+        await _passed_through(r, {"latest": await cache.get_latest("app3_clue", 7, "t1"),
+                                  "history": await cache.get_history("app3_clue", 7, "t1", limit=3)})
         chat = r.json()
         assert chat["latest"]["id"] == row_id and chat["latest"]["result_json"] == {"clue": "red door"}
         assert [h["id"] for h in chat["history"]] == [row_id]
@@ -92,6 +106,7 @@ def test_write_board_chat_delete_health(example: ModuleType, monkeypatch: pytest
         assert r.status_code == 200 and r.json() == {"invalidated": 1}, r.text
         r = await client.get("/chat/7/t1")
         assert r.status_code == 200 and r.json()["latest"] is None, r.text
+        assert [h["id"] for h in r.json()["history"]] == [row_id]  # history keeps the retired row
         r = await client.get("/board/7", params={"targets": "t1,t2"})
         assert r.json()["t1"] is None and r.json()["t2"]["result_json"] == {"clue": "blue door"}
 
@@ -134,6 +149,8 @@ def test_concurrent_board_reads(example: ModuleType) -> None:
         query = {"targets": ",".join(targets + ["missing"])}
         replies = await asyncio.gather(*(client.get("/board/9", params=query) for _ in range(50)))
         assert [r.status_code for r in replies] == [200] * 50
+        expected = orjson.dumps(await app.state.cache.get_many("app3_clue", 9, targets + ["missing"]))
+        assert {r.content for r in replies} == {expected}
         for r in replies:
             board = r.json()
             assert board["missing"] is None

@@ -21,7 +21,7 @@ import redis
 import _near_worker
 from tiered_cache import TieredCache
 from tiered_cache.contracts import MISS
-from tiered_cache.policy.entries import encode_entry
+from tiered_cache.policy.entries import encode_entry, expires_at_ms
 from tiered_cache.tiers.near import NearTier
 
 CT = "near_t"  # a cache_type without an expiry policy: rows never expire
@@ -63,7 +63,7 @@ def _tier(**kwargs: Any) -> tuple[NearTier, FakeClock, FakeClock]:
 
 
 def _put(near: NearTier, key: str, row: dict[str, Any] | None) -> None:
-    near.put(key, encode_entry(row), row, near.epoch)
+    near.put(key, encode_entry(row), expires_at_ms(row), near.epoch)
 
 
 def _wait(pred: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:
@@ -170,17 +170,17 @@ def test_put_refused_after_an_eviction_of_its_stripe_since_the_read_began() -> N
     other = next(f"o{i}" for i in range(1000) if hash(f"o{i}") % _STRIPES != hash("k") % _STRIPES)
     epoch = near.epoch
     near.evict(other)
-    near.put("k", encode_entry(_row(0)), _row(0), epoch)
+    near.put("k", encode_entry(_row(0)), None, epoch)
     assert near.get("k")["id"] == 0, "an eviction in another stripe must not cancel the put"
     epoch = near.epoch
     near.evict("k")
-    near.put("k", encode_entry(_row(1)), _row(1), epoch)
+    near.put("k", encode_entry(_row(1)), None, epoch)
     assert near.get("k") is MISS and near.stats.puts_skipped == 1
     epoch = near.epoch
     near.flush()
-    near.put("k", encode_entry(_row(1)), _row(1), epoch)
+    near.put("k", encode_entry(_row(1)), None, epoch)
     assert near.get("k") is MISS and near.stats.puts_skipped == 2
-    near.put("k", encode_entry(_row(1)), _row(1), near.epoch)
+    near.put("k", encode_entry(_row(1)), None, near.epoch)
     assert near.get("k")["id"] == 1
 
 

@@ -24,22 +24,21 @@ from prometheus_client import values as _values
 
 from . import _fork
 from .errors import ConfigurationError, InvalidInput
-from .observe import OPS, TIERS, LagWatch
+from .observe import OPS, READS, TIERS, WRITES, LagWatch
 
 logger = logging.getLogger(__name__)
 
 RESULTS = ("hit", "miss", "bypass", "ok", "error", "invalid")
 GENERATION_RESULTS = ("started", "won", "joined", "waited", "timed_out", "failed", "taken_over")
 
-_READS, _WRITES = OPS[:3], OPS[3:]
 _ALWAYS = (("postgres", "error"), ("none", "error"), ("none", "invalid"))
 #: Every (op, tier, result) a call may report: near/redis answered ("hit"); PostgreSQL answered after a miss
 #: ("miss") or because Redis was unusable ("bypass"); a write committed ("ok"); a finalize found nothing
 #: to fill ("miss"); a get_many asked for nothing ("none", "ok"); the call raised.
 CALLS = frozenset(
-    [(op, t, r) for op in _READS for t, r in (("near", "hit"), ("redis", "hit"), ("postgres", "miss"), ("postgres", "bypass"))]
-    + [(op, "postgres", "ok") for op in _WRITES]
-    + [("finalize_cache", "postgres", "miss"), ("get_many", "none", "ok")]
+    [(op, t, r) for op in READS for t, r in (("near", "hit"), ("redis", "hit"), ("postgres", "miss"), ("postgres", "bypass"))]
+    + [(op, "postgres", "ok") for op in WRITES]
+    + [("finalize_cache", "postgres", "miss"), ("get_many", "none", "ok"), ("get_many_json", "none", "ok")]
     + [(op, t, r) for op in OPS for t, r in _ALWAYS]
 )
 

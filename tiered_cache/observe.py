@@ -24,11 +24,11 @@ from .errors import InvalidInput
 
 events = logging.getLogger("tiered_cache.events")
 
+#: Reads, then writes. The JSON twins of the reads are ops of their own: same tiers, different cost per call.
+READS = ("get_latest", "get_many", "get_history", "get_latest_json", "get_many_json", "get_history_json")
+WRITES = ("write_cache", "set_generating", "finalize_cache", "invalidate", "invalidate_site")
 #: Public calls of TieredCache (and AsyncTieredCache): the only values of the `op` label and span names.
-OPS = (
-    "get_latest", "get_many", "get_history",
-    "write_cache", "set_generating", "finalize_cache", "invalidate", "invalidate_site",
-)
+OPS = READS + WRITES
 
 #: Where a call was answered: the three tiers, or "none" (rejected before I/O, nothing asked, unknown failure).
 TIERS = ("near", "redis", "postgres", "none")

@@ -21,7 +21,7 @@ from ..contracts import DOWN, MISS, Key, Row
 from ..errors import Closed, ConfigurationError
 from ..observe import tracing
 from ..policy.breaker import CircuitBreaker
-from ..policy.entries import decode, encode, encode_entry
+from ..policy.entries import NEGATIVE, decode, encode, encode_entry, entry_expires_at_ms, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
@@ -41,7 +41,7 @@ _TIER_OPTIONS = frozenset({"kill_wait", "probe_interval", "hold_down", "max_owed
 
 
 class TieredCache(Generations, CacheWrites):
-    """Same methods and return shapes as PostgresStore, served from Redis when it can be, never stale after a write."""
+    """PostgresStore's methods and answers (reads also as JSON bytes), from cache, never stale after a write."""
 
     def __init__(
         self,
@@ -134,36 +134,57 @@ class TieredCache(Generations, CacheWrites):
         ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
         return ct, site, ids, [self._entry(ct, site, t)[1] for t in ids]
 
+    # Each read has a JSON twin (get_latest_json...) on the same path: same tiers, leases and fills, but it
+    # answers the stored bytes, orjson.dumps of what the dict method returns, byte for byte, never decoded.
+
     def get_latest(self, cache_type: str, site_id: int, target_id: str) -> Row | None:
         """The newest servable row of a key: near, then Redis, then PostgreSQL (filled upward under a lease)."""
         if self.metrics is None and not tracing():
             return (self._get_latest(cache_type, site_id, target_id))[0]
         return self._observed("get_latest", self._get_latest, cache_type, site_id, target_id)
 
-    def _get_latest(self, cache_type: str, site_id: int, target_id: str) -> tuple[Row | None, str, str]:
+    def get_latest_json(self, cache_type: str, site_id: int, target_id: str) -> bytes | None:
+        """get_latest as JSON bytes (None for no row), for a handler to send without decoding a row."""
+        if self.metrics is None and not tracing():
+            return (self._get_latest(cache_type, site_id, target_id, True))[0]
+        return self._observed("get_latest_json", self._get_latest, cache_type, site_id, target_id, True)
+
+    def _get_latest(self, cache_type: str, site_id: int, target_id: str,
+                          as_json: bool = False) -> tuple[Any, str, str]:
         key, entry = self._entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
-            found = near.get(entry)
-            if found is not MISS:
-                return found, "near", "hit"
+            if as_json:
+                found = near.get_raw(entry)
+                if found is not MISS:
+                    return (None if found == NEGATIVE else found), "near", "hit"
+            else:
+                found = near.get(entry)
+                if found is not MISS:
+                    return found, "near", "hit"
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = self.redis.get_raw(entry)
         if raw is not MISS and raw is not DOWN:
+            if as_json:
+                if near is not None:
+                    near.put(entry, raw, entry_expires_at_ms(raw), epoch, started=started)
+                return (None if raw == NEGATIVE else raw), "redis", "hit"
             row = decode(raw)
             if near is not None:
-                near.put(entry, raw, row, epoch, started=started)
+                near.put(entry, raw, expires_at_ms(row), epoch, started=started)
             return row, "redis", "hit"
         ks = self.keys.keyset(*key) if raw is MISS else None
         token = self.redis.lease(ks.lease) if ks is not None else None
         row = self.store.get_latest(*key)
-        if token is not None or near is not None:
+        value = None
+        if token is not None or near is not None or as_json:
             value = encode_entry(row)
             if token is not None:
                 self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
             if near is not None and raw is not DOWN:
-                near.put(entry, value, row, epoch, started=started)
-        return row, "postgres", "miss" if raw is MISS else "bypass"
+                near.put(entry, value, expires_at_ms(row), epoch, started=started)
+        answer = (None if row is None else value) if as_json else row
+        return answer, "postgres", "miss" if raw is MISS else "bypass"
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
@@ -171,39 +192,52 @@ class TieredCache(Generations, CacheWrites):
             return (self._get_many(cache_type, site_id, target_ids))[0]
         return self._observed("get_many", self._get_many, cache_type, site_id, target_ids)
 
-    def _get_many(self, cache_type: str, site_id: int,
-                        target_ids: Sequence[str]) -> tuple[dict[str, Row | None], str, str]:
+    def get_many_json(self, cache_type: str, site_id: int,
+                            target_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """get_many as {target: JSON bytes or None}; orjson.dumps of {t: orjson.Fragment(b)} makes one page of it."""
+        if self.metrics is None and not tracing():
+            return (self._get_many(cache_type, site_id, target_ids, True))[0]
+        return self._observed("get_many_json", self._get_many, cache_type, site_id, target_ids, True)
+
+    def _get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str],
+                        as_json: bool = False) -> tuple[dict[str, Any], str, str]:
         """Answered by the lowest tier any target needed."""
         ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
         if not ids:
             return {}, "none", "ok"
-        found: dict[str, Row | None] = {}
+        found: dict[str, Any] = {}
         near = self.near
         if near is not None:
             epoch, started = near.epoch, near.timer()
+            lookup = near.get_raw if as_json else near.get
             ask = []
             for target, entry in zip(ids, entries):
-                value = near.get(entry)
+                value = lookup(entry)
                 if value is MISS:
                     ask.append((target, entry))
                 else:
-                    found[target] = value
+                    found[target] = None if as_json and value == NEGATIVE else value
             if not ask:
                 return found, "near", "hit"
         else:
             ask = list(zip(ids, entries))
         raws = self.redis.get_raws([entry for _, entry in ask])
         if raws is DOWN:
-            found.update(self.store.fetch_many(ct, site, [t for t, _ in ask]))
+            rows = self.store.fetch_many(ct, site, [t for t, _ in ask])
+            found.update({t: None if r is None else encode(r) for t, r in rows.items()} if as_json else rows)
             return {t: found[t] for t in ids}, "postgres", "bypass"
         missing: list[tuple[str, str]] = []
         for (target, entry), raw in zip(ask, raws):
             if raw is MISS:
                 missing.append((target, entry))
-                continue
-            row = found[target] = decode(raw)
-            if near is not None:
-                near.put(entry, raw, row, epoch, started=started)
+            elif as_json:
+                found[target] = None if raw == NEGATIVE else raw
+                if near is not None:
+                    near.put(entry, raw, entry_expires_at_ms(raw), epoch, started=started)
+            else:
+                row = found[target] = decode(raw)
+                if near is not None:
+                    near.put(entry, raw, expires_at_ms(row), epoch, started=started)
         if not missing:
             return {t: found[t] for t in ids}, "redis", "hit"
         keysets = [self.keys.keyset(ct, site, t) for t, _ in missing]
@@ -211,12 +245,13 @@ class TieredCache(Generations, CacheWrites):
         rows = self.store.fetch_many(ct, site, [t for t, _ in missing])
         fills = []
         for (target, entry), ks, token in zip(missing, keysets, tokens):
-            row = found[target] = rows[target]
+            row = rows[target]
             value = encode_entry(row)
+            found[target] = (None if row is None else value) if as_json else row
             if token is not None:
                 fills.append((ks, token, value, row))
             if near is not None:
-                near.put(entry, value, row, epoch, started=started)
+                near.put(entry, value, expires_at_ms(row), epoch, started=started)
         if fills:
             self.redis.fill_entries(fills)
         return {t: found[t] for t in ids}, "postgres", "miss"
@@ -225,13 +260,18 @@ class TieredCache(Generations, CacheWrites):
         """The newest `limit` rows of a key, any status; cached per limit, dropped on every change of the key."""
         return self._observed("get_history", self._get_history, cache_type, site_id, target_id, limit)
 
-    def _get_history(self, cache_type: str, site_id: int, target_id: str,
-                           limit: int) -> tuple[list[Row], str, str]:
+    def get_history_json(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> bytes:
+        """get_history as the bytes of its JSON list."""
+        return self._observed(  # type: ignore[no-any-return]
+            "get_history_json", self._get_history, cache_type, site_id, target_id, limit, True)
+
+    def _get_history(self, cache_type: str, site_id: int, target_id: str, limit: int,
+                           as_json: bool = False) -> tuple[Any, str, str]:
         key, entry = self._entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
         if near is not None:
-            found = near.get(history_key(entry, limit))
+            found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
             if found is not MISS:
                 return found, "near", "hit"
             epoch, started = near.epoch, near.timer()
@@ -240,16 +280,17 @@ class TieredCache(Generations, CacheWrites):
         if raw is not MISS and raw is not DOWN:
             if near is not None:
                 near.put_history(entry, limit, raw, epoch, started)
-            return decode(raw), "redis", "hit"
+            return raw if as_json else decode(raw), "redis", "hit"
         token = self.redis.lease(ks.history_lease) if raw is MISS else None
         rows = self.store.get_history(*key, limit=limit)
-        if token is not None or (near is not None and raw is not DOWN):
+        value = None
+        if token is not None or (near is not None and raw is not DOWN) or as_json:
             value = encode(rows)
             if token is not None:
                 self.redis.fill_history(ks, token, limit, value)
             if near is not None and raw is not DOWN:
                 near.put_history(entry, limit, value, epoch, started)
-        return rows, "postgres", "miss" if raw is MISS else "bypass"
+        return value if as_json else rows, "postgres", "miss" if raw is MISS else "bypass"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -323,7 +364,8 @@ def _closed_noop(self: Any) -> None:
 @functools.cache
 def _closed_class(cls: type) -> type:
     """What a cache of class cls becomes on close(): every call raises Closed before any I/O, at no cost while open."""
-    calls = ("get_latest", "get_many", "get_history", "write_cache", "set_generating", "finalize_cache",
+    calls = ("get_latest", "get_many", "get_history", "get_latest_json", "get_many_json", "get_history_json",
+             "write_cache", "set_generating", "finalize_cache",
              "invalidate", "invalidate_site", "health", "get_or_generate")
     return type(f"Closed{cls.__name__}", (cls,), {"close": _closed_noop, "keyset": _refused_now("keyset"),
                                                   **{n: _refused(n) for n in calls}})

@@ -25,6 +25,24 @@ def expires_at_ms(row: dict[str, Any] | None) -> int | None:
     return (datetime.fromisoformat(row["expires_at"]) - _EPOCH) // _MS
 
 
+#: How an encoded row names its expiry. A JSON string escapes every '"', so `,"` is never inside one; and
+#: expires_at comes after result_json (only status, a short string, follows it: tiers/_sql.LATEST_COLUMNS),
+#: so the last occurrence in an entry is the row's own key, never one nested in result_json.
+_EXPIRES_KEY = b',"expires_at":'
+
+
+def entry_expires_at_ms(raw: bytes) -> int | None:
+    """expires_at_ms of an encoded entry, read from its tail, so a JSON read can cache it near without decoding it."""
+    at = raw.rfind(_EXPIRES_KEY)
+    if at < 0:
+        return None if raw == NEGATIVE else expires_at_ms(decode(raw))
+    start = at + len(_EXPIRES_KEY)
+    if raw[start] != 0x22:  # not a string: null
+        return None
+    text = raw[start + 1:raw.index(b'"', start + 1)].decode()
+    return (datetime.fromisoformat(text) - _EPOCH) // _MS
+
+
 def encode_entry(row: dict[str, Any] | None) -> bytes:
     """A get_latest answer as stored in Redis and in the near tier."""
     return NEGATIVE if row is None else encode(row)

@@ -1,7 +1,8 @@
 """Near tier: an in-process cache of get_latest and get_history answers, bounded in count, bytes and age.
 
 Entries are stored encoded and decoded on every hit, so a caller that mutates a returned dict never
-changes what the next read returns (decoding is also cheaper than a deep copy). Every entry dies at
+changes what the next read returns (decoding is also cheaper than a deep copy); a JSON read gets the
+stored bytes themselves (immutable: nothing to copy). Every entry dies at
 the row's expires_at and at most `max_age` after it was stored: the hard bound on staleness if every
 invalidation message were lost. The coherence listener evicts keys as changes are announced.
 A process has one tier per Redis server and namespace, shared by its caches (see _near_registry).
@@ -19,7 +20,7 @@ from cachetools import LRUCache
 
 from ..contracts import MISS
 from ..errors import ConfigurationError
-from ..policy.entries import decode, expires_at_ms
+from ..policy.entries import decode
 
 _STRIPES = 64  # evictions guard puts per stripe of keys, so one change does not cancel every read in flight
 _POLL_EVERY = 0.001  # seconds: how stale a hit may be against an announcement already on the socket
@@ -90,6 +91,11 @@ class NearTier:
 
     def get(self, key: str) -> Any:
         """The cached answer (freshly decoded), None for a cached 'no row', or MISS."""
+        raw = self.get_raw(key)
+        return raw if raw is MISS else decode(raw)
+
+    def get_raw(self, key: str) -> Any:
+        """The cached answer as stored (encoded; NEGATIVE for a cached 'no row'), or MISS."""
         if not self.active:
             return MISS
         now = self.timer()
@@ -107,14 +113,15 @@ class NearTier:
             self.stats.misses += 1
             return MISS
         self.stats.hits += 1
-        return decode(item[1])
+        return item[1]
 
     def put(
-        self, key: str, raw: bytes, row: dict[str, Any] | None, epoch: int, *, base: str | None = None,
+        self, key: str, raw: bytes, at: int | None, epoch: int, *, base: str | None = None,
         started: float | None = None,
     ) -> None:
         """Store an answer read when the epoch was `epoch`, unless its key (or `base` entry) was evicted since.
 
+        `at` is the row's expiry in Unix milliseconds (policy.entries.expires_at_ms), None for none.
         `started` (this tier's timer when the read began) starts the max_age clock, so a slow read cannot
         stretch the staleness bound.
         """
@@ -122,7 +129,6 @@ class NearTier:
             return
         now = self.timer()
         deadline = (now if started is None else started) + self.max_age
-        at = expires_at_ms(row)
         if at is not None:
             deadline = min(deadline, now + (at / 1000.0 - self.wall_clock()))
         if deadline <= now:
