@@ -133,8 +133,8 @@ def test_entry_dies_at_row_expiry_when_sooner() -> None:
 
 
 def test_bounded_by_entry_count_lru() -> None:
-    """max_entries bounds the count; the least recently used entry goes first."""
-    near, _, _ = _tier(max_entries=3, max_age=60)
+    """max_entries bounds the count; the least recently used entry goes first (admission off: plain LRU)."""
+    near, _, _ = _tier(max_entries=3, max_age=60, admission=False)
     for i in range(3):
         _put(near, f"k{i}", _row(i))
     assert near.get("k0")["id"] == 0  # k0 is now the most recently used
@@ -146,7 +146,7 @@ def test_bounded_by_entry_count_lru() -> None:
 
 def test_bounded_by_bytes() -> None:
     """max_bytes bounds the encoded size; a value larger than the whole cache is not stored, and no error."""
-    near, _, _ = _tier(max_entries=1000, max_bytes=1000, max_age=60)
+    near, _, _ = _tier(max_entries=1000, max_bytes=1000, max_age=60, admission=False)
     big = _row(1, payload={"pad": "x" * 150})
     size = len(encode_entry(big))
     assert 2 <= 1000 // size < 10
@@ -159,6 +159,23 @@ def test_bounded_by_bytes() -> None:
     _put(near, "huge", huge)
     assert near.get("huge") is MISS
     assert near.size_bytes <= 1000
+
+
+def test_once_full_a_key_asked_for_less_than_the_lru_entry_is_not_admitted() -> None:
+    """TinyLFU admission: a newcomer read once does not evict an entry read often; one read often does."""
+    near, _, _ = _tier(max_entries=3, max_age=60)
+    for i in range(3):
+        for _ in range(4):  # each read four times (a miss, then hits)
+            if near.get(f"k{i}") is MISS:
+                _put(near, f"k{i}", _row(i))
+    assert near.get("cold") is MISS
+    _put(near, "cold", _row(9))
+    assert near.get("cold") is MISS and len(near) == 3 and near.stats.puts_rejected == 1
+    assert [near.get(f"k{i}")["id"] for i in range(3)] == [0, 1, 2]
+    for _ in range(8):
+        near.get("hot")
+    _put(near, "hot", _row(7))
+    assert near.get("hot")["id"] == 7 and len(near) == 3
 
 
 def test_put_refused_after_an_eviction_of_its_stripe_since_the_read_began() -> None:

@@ -58,7 +58,8 @@ _COUNTERS = {
     "kills": ("redis_kills", "Keys dropped from Redis after a change", ()),
     "breaker_trips": ("redis_breaker_trips", "Times the Redis breaker opened (a failed half-open probe counts again)", ()),
     "restarts": ("redis_restarts", "Redis restarts or failovers detected (new run id), by what saw it", ("detector",)),
-    "near_puts": ("near_puts", "Answers offered to the near tier: stored, or skipped (their key changed meanwhile)",
+    "near_puts": ("near_puts", "Answers offered to the near tier: stored, skipped (their key changed meanwhile) or rejected (admission: "
+                  "less asked for than the entry they would evict)",
                   ("result",)),
     "near_evictions": ("near_evictions", "Near-tier entries dropped, by reason (change: their key changed)", ("reason",)),
     "near_invalidations": ("near_invalidations", "Changes applied to the near tier (announced or made in this process)", ()),
@@ -106,6 +107,7 @@ COUNTERS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("near", "misses"): ("lookups", ("near", "miss")),
     ("near", "puts"): ("near_puts", ("stored",)),
     ("near", "puts_skipped"): ("near_puts", ("skipped",)),
+    ("near", "puts_rejected"): ("near_puts", ("rejected",)),
     ("near", "evictions"): ("near_evictions", ("change",)),
     ("near", "invalidations"): ("near_invalidations", ()),
     ("near", "flushes"): ("near_flushes", ()),
@@ -135,7 +137,7 @@ GAUGES: dict[tuple[str, str], str] = {
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 #: Every label value any family may carry: what the no-tenant test checks against.
-LABEL_VALUES = frozenset(OPS + TIERS + RESULTS + GENERATION_RESULTS + ("stored", "refused", "skipped", "change", "connection", "listener"))
+LABEL_VALUES = frozenset(OPS + TIERS + RESULTS + GENERATION_RESULTS + ("stored", "refused", "skipped", "rejected", "change", "connection", "listener"))
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 

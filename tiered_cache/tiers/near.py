@@ -20,6 +20,7 @@ from cachetools import LRUCache
 
 from ..contracts import MISS
 from ..errors import ConfigurationError
+from .admission import TinyLFU
 from ..policy.entries import decode
 
 _STRIPES = 64  # evictions guard puts per stripe of keys, so one change does not cancel every read in flight
@@ -34,6 +35,7 @@ class NearStats:
     misses: int = 0
     puts: int = 0
     puts_skipped: int = 0
+    puts_rejected: int = 0
     evictions: int = 0
     flushes: int = 0
     invalidations: int = 0
@@ -42,6 +44,14 @@ class NearStats:
 def history_key(entry: str, limit: int) -> str:
     """The near key of a get_history answer; entry keys end in '}', so this never names an entry."""
     return f"{entry}#h{limit}"
+
+
+class _LRU(LRUCache):  # type: ignore[type-arg]
+    """cachetools' LRU, and a look at the entry it would evict next (what a newcomer must out-rank)."""
+
+    def victim(self) -> str | None:
+        order = getattr(self, "_LRUCache__order", None)  # cachetools' own order; None if it ever moves
+        return next(iter(order), None) if order else None
 
 
 def check_bounds(max_entries: int, max_bytes: int, max_age: float) -> None:
@@ -65,6 +75,7 @@ class NearTier:
         max_age: float = 2.0,
         timer: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        admission: bool = True,
     ) -> None:
         check_bounds(max_entries, max_bytes, max_age)
         self.max_age = max_age
@@ -72,10 +83,11 @@ class NearTier:
         self.wall_clock = wall_clock
         # One size unit per byte, but never less than an equal share (rounded up), in a budget of exactly
         # max_entries shares: at most max_entries entries, and max_bytes (+ under max_entries) bytes.
-        floor = max(1, -(-max_bytes // max_entries))
-        self._cache: LRUCache[str, tuple[float, bytes]] = LRUCache(
-            maxsize=floor * max_entries, getsizeof=lambda item: max(len(item[1]), floor)
-        )
+        floor = self._floor = max(1, -(-max_bytes // max_entries))
+        self._cache: _LRU = _LRU(maxsize=floor * max_entries, getsizeof=lambda item: max(len(item[1]), floor))
+        #: Once full, a new key displaces the LRU entry only if TinyLFU rates it more often asked for, so a
+        #: working set larger than the tier does not pay a put and an eviction of a hot key on every miss.
+        self._lfu = TinyLFU(max_entries) if admission else None
         self._lock = threading.Lock()
         self._limits: set[int] = set()  # history limits ever stored, so an eviction can find their keys
         self.stats = NearStats()
@@ -105,6 +117,8 @@ class NearTier:
             if not self.active:
                 return MISS
         with self._lock:
+            if self._lfu is not None:
+                self._lfu.record(key)
             item = self._cache.get(key)
             if item is not None and item[0] <= now:
                 del self._cache[key]
@@ -138,6 +152,13 @@ class NearTier:
             if self._bumped[stripe] > epoch:
                 self.stats.puts_skipped += 1
                 return
+            cache = self._cache
+            if self._lfu is not None and key not in cache \
+                    and cache.currsize + max(len(raw), self._floor) > cache.maxsize:
+                victim = cache.victim()
+                if victim is not None and not self._lfu.admit(key, victim):
+                    self.stats.puts_rejected += 1
+                    return
             try:
                 self._cache[key] = (deadline, raw)
             except ValueError:  # value too large for the whole cache
