@@ -132,6 +132,20 @@ def new_redis_client(api: str, url: str, **options: Any) -> Any:
     return blocking(async_redis_client)(url, **options)
 
 
+def connect_cache(api: str, dsn: str, redis_url: str, **options: Any) -> Any:
+    """TieredCache.connect, or AsyncTieredCache.connect behind Blocking (in a spawned child too: it makes its own loop)."""
+    from tiered_cache import AsyncTieredCache, TieredCache
+
+    if api == "sync":
+        return TieredCache.connect(dsn, redis_url, **options)
+    return blocking(AsyncTieredCache.connect)(dsn, redis_url, **options)
+
+
+def target(obj: Any) -> Any:
+    """The object behind a Blocking view (itself for a sync one): for a test that patches an instance attribute."""
+    return _unwrap(obj)
+
+
 def new_cache(api: str, store: Any, client: Any, **options: Any) -> Any:
     """A TieredCache (or AsyncTieredCache behind Blocking) over a store and client built above."""
     from tiered_cache import AsyncTieredCache, TieredCache

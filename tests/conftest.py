@@ -148,14 +148,9 @@ def make_cache(api: str) -> Iterator[Callable[..., TieredCache]]:
     made: list[Any] = []
 
     def build(dsn: str, redis_url: str, **options: Any) -> Any:
-        if api == "sync":
-            cache = TieredCache.connect(dsn, redis_url, **options)
-        else:
-            from _apis import blocking
+        from _apis import connect_cache
 
-            from tiered_cache import AsyncTieredCache
-
-            cache = blocking(AsyncTieredCache.connect)(dsn, redis_url, **options)
+        cache = connect_cache(api, dsn, redis_url, **options)
         made.append(cache)
         return cache
 

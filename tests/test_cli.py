@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 
 import psycopg
+import pytest
 import redis
 
+from tiered_cache import AsyncTieredCache, TieredCache
 from tiered_cache.cli import main
+from tiered_cache.verify import VerifyReport, verify
 
 
 def _run(args: list[str], dsn: str, redis_url: str) -> subprocess.CompletedProcess[str]:
@@ -54,6 +58,42 @@ def test_verify_reports_a_planted_mismatch(dsn: str, redis_url: str, cache) -> N
     bad = _run(["verify"], dsn, redis_url)
     assert bad.returncode == 1
     assert "1/2 consistent" in bad.stdout and "mismatch ['app3_clue', 1, 'a']" in bad.stdout
+
+
+def _plant_mismatch(dsn: str) -> None:
+    """Change a row behind the cache's back with no relay running: Redis is now stale for that key."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE biz.ai_cache SET result_json = '{\"v\": 2}' WHERE target_id = 'a'")
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_verify_function_takes_either_apis_cache(dsn: str, redis_url: str, api: str) -> None:
+    """verify(cache), the function behind the command, reads an AsyncTieredCache's tiers as a TieredCache's (from
+    async code in a thread, its connections its own): both entries agree, then the planted mismatch is found."""
+    if api == "sync":
+        with TieredCache.connect(dsn, redis_url) as cache:
+            for target in ("a", "b"):
+                cache.write_cache("app3_clue", 1, target, {"v": 1})
+            cache.get_many("app3_clue", 1, ["a", "b"])
+            before = verify(cache)
+            _plant_mismatch(dsn)
+            after = verify(cache)
+    else:
+        async def reports() -> tuple[VerifyReport, VerifyReport]:
+            async with await AsyncTieredCache.connect(dsn, redis_url) as cache:
+                for target in ("a", "b"):
+                    await cache.write_cache("app3_clue", 1, target, {"v": 1})
+                await cache.get_many("app3_clue", 1, ["a", "b"])
+                first = await asyncio.to_thread(verify, cache)
+                _plant_mismatch(dsn)
+                return first, await asyncio.to_thread(verify, cache)
+
+        before, after = asyncio.run(reports())
+    assert (before.sampled, before.consistent, before.mismatches) == (2, 2, [])
+    assert (after.sampled, after.consistent) == (2, 1)
+    assert [m["key"] for m in after.mismatches] == [["app3_clue", 1, "a"]]
+    assert after.mismatches[0]["redis"]["result_json"] == {"v": 1}
+    assert after.mismatches[0]["postgres"]["result_json"] == {"v": 2}
 
 
 def test_sweep_prints_its_report(dsn: str, capsys) -> None:  # type: ignore[no-untyped-def]

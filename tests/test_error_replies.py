@@ -7,7 +7,8 @@ NOREPLICAS) the old row may be served until each reader's write probe sees the r
 PROBE_INTERVAL after it began (tiers/redis.py); measured here, per reader, from the write's return to
 the start of the last read that still returned the old row.
 
-Each scenario runs its own redis-server, so it can CONFIG it; PostgreSQL is the session's.
+Each scenario runs its own redis-server, so it can CONFIG it; PostgreSQL is the session's. The slow scenarios run
+once per API (the `api` fixture): writer, readers here and readers in the second process all of that API.
 Times are time.monotonic(): CLOCK_MONOTONIC, one clock for every process on the machine.
 """
 
@@ -33,6 +34,7 @@ from redis._parsers.base import BaseParser
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from _apis import connect_cache
 from faultproxy import FaultProxy
 from tiered_cache import AsyncPostgresStore, PostgresStore, TieredCache
 from tiered_cache.contracts import DOWN
@@ -126,11 +128,11 @@ def test_loading_is_busy_although_redis_py_makes_it_a_connection_error() -> None
 
 
 class Readers:
-    """Several TieredCache objects of one process, each with its own Redis tier (so its own probe phase)."""
+    """Several cache objects of one API in one process, each with its own Redis tier (so its own probe phase)."""
 
-    def __init__(self, dsn: str, redis_url: str, n: int) -> None:
+    def __init__(self, api: str, dsn: str, redis_url: str, n: int) -> None:
         # 1 s Redis timeout: these tests pin error answers; a stall past 50 ms on a loaded runner is the fault path.
-        self.caches = [TieredCache.connect(dsn, redis_url, redis_timeout=1.0) for _ in range(n)]
+        self.caches = [connect_cache(api, dsn, redis_url, redis_timeout=1.0) for _ in range(n)]
 
     def read(self, target: str) -> list[int | None]:
         """One read of the key by every object."""
@@ -166,10 +168,10 @@ class Readers:
             cache.close()
 
 
-def serve_readers(dsn: str, redis_url: str, n: int, conn: Any) -> None:
+def serve_readers(api: str, dsn: str, redis_url: str, n: int, conn: Any) -> None:
     """Child process: Readers answering (method, *args) requests over a Pipe until ('stop',)."""
     try:
-        readers = Readers(dsn, redis_url, n)
+        readers = Readers(api, dsn, redis_url, n)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -207,11 +209,11 @@ class Remote:
 
 
 @contextlib.contextmanager
-def remote_readers(dsn: str, redis_url: str, n: int) -> Iterator[Remote]:
-    """A spawned process (it shares nothing with this one but the servers) holding n reader objects."""
+def remote_readers(api: str, dsn: str, redis_url: str, n: int) -> Iterator[Remote]:
+    """A spawned process (it shares nothing with this one but the servers) holding n reader objects of `api`."""
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=serve_readers, args=(dsn, redis_url, n, there), daemon=True)
+    proc = ctx.Process(target=serve_readers, args=(api, dsn, redis_url, n, there), daemon=True)
     proc.start()
     try:
         assert here.poll(60), "the reader process did not start"
@@ -250,17 +252,16 @@ def fill_until_oom(admin: redis.Redis) -> int:
     return n
 
 
-# The slow scenarios below stay sync (~85 s together, with reader processes): doubled they would push the suite past its budget.
 @pytest.mark.fault
 @pytest.mark.slow
-def test_oom_noeviction_kills_land_before_the_write_returns(dsn: str, figure: Callable[[str], None]) -> None:
+def test_oom_noeviction_kills_land_before_the_write_returns(api: str, dsn: str, figure: Callable[[str], None]) -> None:
     """Redis full with noeviction (SET answers OOM, DEL works): after write_cache, finalize_cache or invalidate
     returned, a second cache object and a second process read the new state, never the old entry."""
     with RedisServer(maxmemory="4mb", maxmemory_policy="noeviction") as rs, \
-            remote_readers(dsn, rs.url, 1) as remote:
+            remote_readers(api, dsn, rs.url, 1) as remote:
         admin = admin_of(rs)
-        writer = TieredCache.connect(dsn, rs.url, redis_timeout=1.0)
-        local = Readers(dsn, rs.url, 1)
+        writer = connect_cache(api, dsn, rs.url, redis_timeout=1.0)
+        local = Readers(api, dsn, rs.url, 1)
         try:
             ops = ("write", "finalize", "invalidate")
             targets = [f"oom-{i}" for i in range(30)]
@@ -290,7 +291,7 @@ def test_oom_noeviction_kills_land_before_the_write_returns(dsn: str, figure: Ca
                 stale.extend(f"{op} {target}: read {s} after it returned {expected[target]}"
                              for s in seen if s != expected[target])
                 assert writer.redis.pending == 0, "an OOM answer left the kill owed"
-            figure(f"OOM (maxmemory 4mb, noeviction): {len(targets)} writes (write/finalize/invalidate), "
+            figure(f"{api}: OOM (maxmemory 4mb, noeviction): {len(targets)} writes (write/finalize/invalidate), "
                    f"{refused} of them answered OOM; stale reads after the write returned: {len(stale)} of "
                    f"{2 * len(targets)} (a second object, a second process); breaker trips "
                    f"{writer.redis.breaker.trips}, junk keys {junk}")
@@ -324,14 +325,14 @@ def is_busy(admin: redis.Redis) -> bool:
 
 @pytest.mark.fault
 @pytest.mark.slow
-def test_busy_script_kill_lands_once_script_kill_clears_it(dsn: str, figure: Callable[[str], None]) -> None:
+def test_busy_script_kill_lands_once_script_kill_clears_it(api: str, dsn: str, figure: Callable[[str], None]) -> None:
     """A long Lua script makes Redis answer BUSY; a write during it retries its kill until SCRIPT KILL, so once the
     write returned a second object and a second process read the new row (no owed kill on a backoff)."""
-    with RedisServer() as rs, remote_readers(dsn, rs.url, 1) as remote:
+    with RedisServer() as rs, remote_readers(api, dsn, rs.url, 1) as remote:
         admin = admin_of(rs)
         admin.config_set("lua-time-limit", 50)  # busy-reply-threshold on Redis 7: answer BUSY after 50 ms
-        writer = TieredCache.connect(dsn, rs.url, redis_timeout=1.0)
-        local = Readers(dsn, rs.url, 1)
+        writer = connect_cache(api, dsn, rs.url, redis_timeout=1.0)
+        local = Readers(api, dsn, rs.url, 1)
         try:
             stale: list[str] = []
             waited: list[float] = []
@@ -362,7 +363,7 @@ def test_busy_script_kill_lands_once_script_kill_clears_it(dsn: str, figure: Cal
                 seen = local.read(target) + remote.call("read", target)
                 stale.extend(f"{target}: read {s}, not {v2}; SCRIPT KILL {delay * 1000:.0f} ms in, write returned "
                              f"{(returned - start) * 1000:.0f} ms in" for s in seen if s != v2)
-            figure(f"BUSY (script, SCRIPT KILL 50-250 ms into the write): {len(waited)} writes, write took "
+            figure(f"{api}: BUSY (script, SCRIPT KILL 50-250 ms into the write): {len(waited)} writes, write took "
                    f"{spread(waited)}; stale reads after the write returned: {len(stale)} of {2 * len(waited)}; "
                    f"owed kills {writer.redis.pending}")
             assert not stale, stale
@@ -434,7 +435,7 @@ class Refusal:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["READONLY", "MISCONF", "NOREPLICAS"])
 def test_writes_refused_reads_served_old_row_is_served_only_within_the_probe_bound(
-        kind: str, dsn: str, request: pytest.FixtureRequest, figure: Callable[[str], None]) -> None:
+        api: str, kind: str, dsn: str, request: pytest.FixtureRequest, figure: Callable[[str], None]) -> None:
     """Redis refuses every write (the kill too) but serves reads: each reader stops serving its entries within
     PROBE_INTERVAL (+ slack) of the write's return, in this process and in another; the writer at once."""
     # Not under tmp_path: as root the server runs as an unprivileged user, who cannot enter pytest's 0700 dirs.
@@ -442,12 +443,12 @@ def test_writes_refused_reads_served_old_row_is_served_only_within_the_probe_bou
     rdb_dir.chmod(0o777)
     request.addfinalizer(lambda: shutil.rmtree(rdb_dir, ignore_errors=True))
     episodes, before, after = 3, (0.2, 0.6), 2.5
-    with RedisServer(extra_args=("--dir", str(rdb_dir))) as rs, remote_readers(dsn, rs.url, 3) as remote:
+    with RedisServer(extra_args=("--dir", str(rdb_dir))) as rs, remote_readers(api, dsn, rs.url, 3) as remote:
         admin = admin_of(rs)
         refusal = Refusal(kind, admin, str(rdb_dir))
         refusal.prepare()
-        writer = TieredCache.connect(dsn, rs.url, redis_timeout=1.0)
-        local = Readers(dsn, rs.url, 3)
+        writer = connect_cache(api, dsn, rs.url, redis_timeout=1.0)
+        local = Readers(api, dsn, rs.url, 3)
         staleness: list[float] = []
         back: list[float] = []
         announced = admin.pubsub(ignore_subscribe_messages=True)
@@ -478,7 +479,7 @@ def test_writes_refused_reads_served_old_row_is_served_only_within_the_probe_bou
                 wait_until(lambda: writer.redis.pending == 0, 10, what="the owed kill landing")
                 back.append(time.monotonic() - stopped)
                 assert local.read(target) + remote.call("read", target) == [v2] * 6
-            figure(f"{kind}: old row served after the write returned, per reader (3 objects here, 3 in another "
+            figure(f"{api} {kind}: old row served after the write returned, per reader (3 objects here, 3 in another "
                    f"process, {episodes} writes): {spread(staleness)}; bound {PROBE_INTERVAL * 1000:.0f} ms "
                    f"(probe_interval); owed kill landed {spread(back)} after writes were accepted again")
             assert max(staleness) <= PROBE_INTERVAL + SLACK, f"old row served {max(staleness):.3f} s after the write"

@@ -1,7 +1,8 @@
 """Fault scenarios on servers owned by this module: Redis killed, flushed, slowed, blackholed, full;
 PostgreSQL stopped; a process dying between its commit and its Redis update.
 
-Each scenario prints its figures and ends with verify(cache). The staleness oracle (`analyse`): every
+Each scenario runs once per API (the `api` fixture: TieredCache, and AsyncTieredCache behind tests/_apis.Blocking
+on a real event loop; a spawned child uses its parent's API), prints its figures and ends with verify(cache). The staleness oracle (`analyse`): every
 write_cache / invalidate logs when it started and returned, and right after it returned the caller
 reads PostgreSQL's latest row of the key (a *fact*). A read that STARTED after a change returned must
 reflect it: not a row older (by created_at, id) than the newest returned write, not None after it, not
@@ -14,6 +15,7 @@ time.monotonic(), the system-wide CLOCK_MONOTONIC on Linux, so two processes' lo
 from __future__ import annotations
 
 import bisect
+import contextvars
 import itertools
 import multiprocessing
 import os
@@ -33,6 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from _apis import connect_cache, target
 from faultproxy import FaultProxy
 from tiered_cache import StoreUnavailable, TieredCache, TieredCacheError, migrate
 from tiered_cache.policy.entries import encode_entry
@@ -41,7 +44,6 @@ from tiered_cache.testing import PostgresServer, RedisServer
 from tiered_cache.verify import verify
 from _util import pct, wait_until
 
-# Sync only: these multi-process scenarios (~60 s together) would push the suite past its budget doubled; the async write path is pinned by test_races.py and test_cancellation.py.
 CT = "app3_clue"
 SITE = 11
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -81,13 +83,8 @@ def assert_verified(cache: TieredCache, figure: Callable[[str], None]) -> None:
     mismatches = list(report.mismatches)
     if report.sampled == 0 and cache.redis.breaker.state != "closed":
         kw = cache.redis.client.connection_pool.connection_kwargs
-        client = redis.Redis(host=kw["host"], port=kw["port"], db=kw.get("db", 0))
-        fresh = TieredCache(cache.store, client)
-        try:
+        with TieredCache.connect(cache.store.dsn, f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}") as fresh:
             again = verify(fresh)
-        finally:
-            fresh.redis.close()
-            client.close()
         figure(f"  verify (fresh client, this cache's breaker is {cache.redis.breaker.state!r}): {again.summary()}")
         mismatches += again.mismatches
     assert not mismatches, mismatches
@@ -187,6 +184,7 @@ class Plan:
     dsn: str
     redis_url: str
     keys: list[str]
+    api: str = "sync"
     tag: str = "p"
     writers: int = 3
     readers: int = 4
@@ -205,24 +203,33 @@ def _state(row: dict[str, Any] | None) -> tuple[str, int] | None:
     return None if row is None else (row["created_at"], row["id"])
 
 
+OWED_MARK: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("owed_mark", default=None)
+
+
 def run_threads(cache: TieredCache, plan: Plan, start: float, stop: float) -> dict[str, Any]:
     """Run writers, invalidators and readers on plan.keys from start until stop; return their logs."""
     log: dict[str, Any] = {
         "writes": [], "facts": [], "invals": [], "reads": [], "read_errors": [], "write_errors": [],
-        "bulk_ops": 0, "tag": plan.tag,
+        "bulk_ops": 0, "owed_outside_calls": 0, "tag": plan.tag,
     }
     counter = itertools.count()
-    # Observation only (an instance attribute, the library is untouched): did this thread's last change leave
-    # its Redis kill *owed* (queued for the background drainer) instead of applying it before returning?
-    owed = threading.local()
-    tier = cache.redis
-    owe_kill = tier._owe_kill
+    # Observation only (an instance attribute, the library is untouched): did this call leave a Redis kill
+    # *owed* (queued for the background drainer) instead of applying it before returning? Each call carries
+    # its own mark in a context variable: on the async API the tier runs on the event loop's thread, in a
+    # task whose context is a copy of the calling thread's (call_soon_threadsafe copies it), so the mark
+    # object the writer set is the one the owing code sets. Owing outside any call is counted: it must stay 0.
+    owed_kills = target(cache.redis)._owed
+    owe = owed_kills.owe
 
-    def observed_owe_kill(ks: Any) -> None:
-        owed.flag = True
-        owe_kill(ks)
+    def observed_owe(ks: Any) -> None:
+        mark = OWED_MARK.get()
+        if mark is None:
+            log["owed_outside_calls"] += 1
+        else:
+            mark[0] = True
+        owe(ks)
 
-    tier._owe_kill = observed_owe_kill  # type: ignore[method-assign]
+    owed_kills.owe = observed_owe  # type: ignore[method-assign]
 
     def fact(key: str, t_end: float) -> None:
         row = cache.store.get_latest(CT, SITE, key)  # PostgreSQL itself, right after the call returned
@@ -232,7 +239,8 @@ def run_threads(cache: TieredCache, plan: Plan, start: float, stop: float) -> di
         rng = random.Random(f"{plan.seed}-{plan.tag}-w{i}")
         while time.monotonic() < stop:
             key = rng.choice(plan.keys)
-            owed.flag = False
+            owed = [False]
+            OWED_MARK.set(owed)
             t0 = time.monotonic()
             try:
                 cid = cache.write_cache(CT, SITE, key, {"by": plan.tag, "n": next(counter), "pad": "x" * plan.pad})
@@ -240,14 +248,15 @@ def run_threads(cache: TieredCache, plan: Plan, start: float, stop: float) -> di
                 log["write_errors"].append(f"{type(exc).__name__}: {exc}")
                 continue
             t1 = time.monotonic()
-            log["writes"].append((t0, t1, key, cid, owed.flag))
+            log["writes"].append((t0, t1, key, cid, owed[0]))
             fact(key, t1)
 
     def invalidator(i: int) -> None:
         rng = random.Random(f"{plan.seed}-{plan.tag}-i{i}")
         while time.monotonic() < stop:
             key = rng.choice(plan.keys)
-            owed.flag = False
+            owed = [False]
+            OWED_MARK.set(owed)
             t0 = time.monotonic()
             try:
                 cache.invalidate(CT, SITE, key)
@@ -255,7 +264,7 @@ def run_threads(cache: TieredCache, plan: Plan, start: float, stop: float) -> di
                 log["write_errors"].append(f"invalidate {type(exc).__name__}: {exc}")
                 continue
             t1 = time.monotonic()
-            log["invals"].append((t0, t1, key, owed.flag))
+            log["invals"].append((t0, t1, key, owed[0]))
             fact(key, t1)
             time.sleep(rng.uniform(0.005, 0.03))
 
@@ -312,8 +321,8 @@ def run_threads(cache: TieredCache, plan: Plan, start: float, stop: float) -> di
 
 
 def child_main(plan: Plan, ready: Any, control: Any, results: Any) -> None:
-    """A second process: its own TieredCache (no relay), the same workload, its logs sent back."""
-    cache = TieredCache.connect(plan.dsn, plan.redis_url, **plan.options)
+    """A second process: its own cache of the plan's API (no relay), the same workload, its logs sent back."""
+    cache = connect_cache(plan.api, plan.dsn, plan.redis_url, **plan.options)
     try:
         ready.set()
         start, stop = control.get(timeout=60)
@@ -481,19 +490,20 @@ def lost_writes(dsn: str, ids: list[int]) -> int:
 
 @pytest.mark.fault
 @pytest.mark.slow
-def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, figure: Callable[[str], None]) -> None:
+def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(api: str, env: Servers,
+                                                                  figure: Callable[[str], None]) -> None:
     """Writers, readers, invalidators in threads of two processes for ~15 s while Redis is SIGKILLed and
     restarted, FLUSHALLed and SCRIPT FLUSHed at random: no stale read after a write returned, no lost
     acknowledged write, no read error."""
     duration = 15.0
     keys = [f"chaos-{i}" for i in range(24)]
-    child_plan = Plan(env.dsn, env.rs.url, keys, tag="child", seed=1, options={"relay": False})
-    parent_plan = Plan(env.dsn, env.rs.url, keys, tag="parent", seed=2)
+    child_plan = Plan(env.dsn, env.rs.url, keys, api, tag="child", seed=1, options={"relay": False})
+    parent_plan = Plan(env.dsn, env.rs.url, keys, api, tag="parent", seed=2)
     ctx = multiprocessing.get_context("spawn")
     ready, control, results = ctx.Event(), ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=child_main, args=(child_plan, ready, control, results), name="chaos-child")
     child.start()
-    cache = TieredCache.connect(env.dsn, env.rs.url, relay=True)
+    cache = connect_cache(api, env.dsn, env.rs.url, relay=True)
     try:
         assert ready.wait(60), "child process did not start"
         start = time.monotonic() + 0.2
@@ -548,7 +558,7 @@ def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, 
         for _, k, _ in events:
             kinds[k] += 1
         downs = [d for _, k, d in events if k == "kill"]
-        figure(f"chaos {duration:.0f} s, 2 processes x (3 writers, 4 readers, 1 invalidator) on {len(keys)} keys: "
+        figure(f"{api}: chaos {duration:.0f} s, 2 processes x (3 writers, 4 readers, 1 invalidator) on {len(keys)} keys: "
                f"{verdict.writes} writes, {verdict.invals} invalidates, {verdict.reads} key reads "
                f"({verdict.judged} judged: a write or invalidate of the key had returned before they started)")
         figure(f"  chaos events: {dict(kinds)}; Redis down per kill: "
@@ -556,6 +566,10 @@ def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, 
         figure(f"  stale reads after a write returned: {len(verdict.stale)}; worst staleness "
                f"{ms(verdict.worst)} (read start - return of the write/invalidate it missed); acknowledged writes "
                f"lost: {lost}; read errors: {len(verdict.read_errors)}; write errors: {len(verdict.write_errors)}")
+        owed_calls = sum(w[4] for log in (parent_log, child_log) for w in log["writes"]) + \
+            sum(i[3] for log in (parent_log, child_log) for i in log["invals"])
+        outside = parent_log["owed_outside_calls"] + child_log["owed_outside_calls"]
+        figure(f"  calls that returned with their kill owed: {owed_calls}; kills owed outside any logged call: {outside}")
         figure(f"  (not counted: {verdict.in_flight} reads older than PostgreSQL's latest at a logged fact whose own "
                f"write had committed but not yet returned: the commit -> Redis window)")
         for tag, log in (("parent", parent_log), ("child", child_log)):
@@ -578,6 +592,7 @@ def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, 
         assert not verdict.read_errors, verdict.read_errors[:5]
         assert not verdict.write_errors, verdict.write_errors[:5]
         assert lost == 0
+        assert outside == 0, "a kill was owed that no call's mark saw: the owed-window excuse would be blind"
         # A change whose post-commit kill got no answer within redis_timeout (Redis down, or a machine so busy a
         # reply came late) is owed: its own process reads Redis only after the kill lands, another process may
         # serve the old row until the drainer or the relay lands it. That window is bounded, not zero.
@@ -601,13 +616,13 @@ def test_chaos_redis_killed_flushed_scripts_flushed_two_processes(env: Servers, 
 
 @pytest.mark.fault
 @pytest.mark.slow
-def test_postgres_stopped_reads_from_redis_writes_fail_cleanly_pool_recovers(env: Servers,
+def test_postgres_stopped_reads_from_redis_writes_fail_cleanly_pool_recovers(api: str, env: Servers,
                                                                              figure: Callable[[str], None]) -> None:
     """PostgreSQL down for a few seconds: cached reads keep working, writes fail with StoreUnavailable in about
     pool_timeout and leave no row and no Redis change; after the restart the same TieredCache writes again."""
     pool_timeout = 1.0
     keys = [f"pgdown-{i}" for i in range(20)]
-    cache = TieredCache.connect(env.dsn, env.rs.url, relay=True, pool_timeout=pool_timeout, connect_timeout=1)
+    cache = connect_cache(api, env.dsn, env.rs.url, relay=True, pool_timeout=pool_timeout, connect_timeout=1)
     direct = redis.Redis.from_url(env.rs.url)
     problems: list[str] = []
     try:
@@ -677,7 +692,7 @@ def test_postgres_stopped_reads_from_redis_writes_fail_cleanly_pool_recovers(env
         with psycopg.connect(env.dsn, autocommit=True) as conn:
             half_done = conn.execute(
                 "SELECT count(*) FROM biz.ai_cache WHERE result_json->>'v' = 'during-outage'").fetchone()[0]  # type: ignore[index]
-        figure(f"postgres stopped ({ms(stopped_for)} to stop) for {t_restart - t_stop:.1f} s: "
+        figure(f"{api}: postgres stopped ({ms(stopped_for)} to stop) for {t_restart - t_stop:.1f} s: "
                f"{len(read_times)} cached reads p50 {ms(statistics.median(read_times))} max {ms(max(read_times))}, "
                f"0 errors; writes failed with StoreUnavailable after "
                f"{', '.join(ms(w) for w in write_times)} (pool_timeout {pool_timeout:.1f} s); rows left by them: {half_done}")
@@ -749,7 +764,7 @@ def _all(d: dict[str, list[float]]) -> list[float]:
 
 @pytest.mark.fault
 @pytest.mark.slow
-def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Callable[[str], None]) -> None:
+def test_redis_slow_then_blackholed_calls_stay_bounded(api: str, env: Servers, figure: Callable[[str], None]) -> None:
     """200 ms of latency, then a blackhole, between the cache and Redis: with redis_timeout=0.05 every call
     costs at most about the timeout plus its PostgreSQL time; threads and connections do not pile up."""
     timeout = 0.05
@@ -757,7 +772,7 @@ def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Cal
     keys = [f"slow-{i}" for i in range(50)]
     proxy = FaultProxy(env.rs.port).start()
     admin = redis.Redis.from_url(env.rs.url)
-    cache = TieredCache.connect(env.dsn, f"redis://127.0.0.1:{proxy.port}/0", relay=True, redis_timeout=timeout)
+    cache = connect_cache(api, env.dsn, f"redis://127.0.0.1:{proxy.port}/0", relay=True, redis_timeout=timeout)
     errors: list[str] = []
     try:
         for k in keys:
@@ -809,7 +824,7 @@ def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Cal
         for name, d in (("postgres only", pg), ("healthy", healthy), ("latency 200 ms", slow), ("blackhole", hole)):
             every = _all(d)
             kinds = ", ".join(f"{k} p99 {ms(pct(v, 99))} max {ms(max(v))}" for k, v in d.items() if v)
-            figure(f"redis {name:>14}: {len(every):6d} calls, p50 {ms(statistics.median(every))}, p99 "
+            figure(f"{api}: redis {name:>14}: {len(every):6d} calls, p50 {ms(statistics.median(every))}, p99 "
                    f"{ms(pct(every, 99))}, max {ms(max(every))} ({kinds})")
         s = cache.stats()["redis"]
         figure(f"  bound = redis_timeout + PostgreSQL p99 + 25 ms scheduling slack = {ms(bound)}; library threads {threads_before} before, "
@@ -834,14 +849,15 @@ def test_redis_slow_then_blackholed_calls_stay_bounded(env: Servers, figure: Cal
 
 
 @pytest.mark.fault
-def test_breaker_probe_taken_by_a_write_does_not_strand_redis(env: Servers, figure: Callable[[str], None]) -> None:
+def test_breaker_probe_taken_by_a_write_does_not_strand_redis(api: str, env: Servers,
+                                                              figure: Callable[[str], None]) -> None:
     """After an outage, the first call to Redis once breaker_reset has passed is the half-open probe. When that
     call is a write (its lease), the breaker must still close again, and the write must reach other processes."""
     proxy = FaultProxy(env.rs.port).start()
     # A reaches Redis through the proxy (its outage); B, "another process", reaches it directly. No relay:
     # this is about the cache's own write path.
-    a = TieredCache.connect(env.dsn, f"redis://127.0.0.1:{proxy.port}/0", breaker_reset=0.3)
-    b = TieredCache.connect(env.dsn, env.rs.url)
+    a = connect_cache(api, env.dsn, f"redis://127.0.0.1:{proxy.port}/0", breaker_reset=0.3)
+    b = connect_cache(api, env.dsn, env.rs.url)
     try:
         v1 = a.write_cache(CT, SITE, "probe", {"v": 1})
         assert b.get_latest(CT, SITE, "probe")["id"] == v1  # type: ignore[index]
@@ -862,7 +878,7 @@ def test_breaker_probe_taken_by_a_write_does_not_strand_redis(env: Servers, figu
             time.sleep(0.02)
         time.sleep(0.2)
         seen_by_b_later = b.get_latest(CT, SITE, "probe")["id"]  # type: ignore[index]
-        figure(f"breaker probe taken by a write: breaker {state_after_write!r} after the write, "
+        figure(f"{api}: breaker probe taken by a write: breaker {state_after_write!r} after the write, "
                f"{a.redis.breaker.state!r} 1.5 s later; A's reads in those 1.5 s: {a.redis.stats.hits - hits0} from "
                f"Redis, {a.redis.stats.skipped - skipped0} skipped it; owed kills {a.redis.pending}; "
                f"B read id {seen_by_b} right after A's write of {v2} returned and {seen_by_b_later} 1.7 s later (v1={v1})")
@@ -882,16 +898,16 @@ def test_breaker_probe_taken_by_a_write_does_not_strand_redis(env: Servers, figu
 @pytest.mark.fault
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
-def test_redis_at_maxmemory_no_stale_reads(env: Servers, policy: str, figure: Callable[[str], None]) -> None:
+def test_redis_at_maxmemory_no_stale_reads(api: str, env: Servers, policy: str, figure: Callable[[str], None]) -> None:
     """Redis capped at 2 MB and filled far past it with many keys while the same hot keys are written and read:
     no stale read (leases may be evicted or refused), every call succeeds."""
     duration = 6.0
     hot = [f"hot-{i}" for i in range(30)]
     bulk = [f"bulk-{i}" for i in range(3000)]
     with RedisServer(maxmemory="2mb", maxmemory_policy=policy) as rs:
-        plan = Plan(env.dsn, rs.url, hot, tag=policy, writers=2, readers=3, invalidators=1, pad=200,
+        plan = Plan(env.dsn, rs.url, hot, api, tag=policy, writers=2, readers=3, invalidators=1, pad=200,
                     bulk_keys=bulk, bulk_writers=2, bulk_readers=2, bulk_pad=1500)
-        cache = TieredCache.connect(env.dsn, rs.url, relay=True)
+        cache = connect_cache(api, env.dsn, rs.url, relay=True)
         admin = redis.Redis.from_url(rs.url)
         try:
             start = time.monotonic() + 0.1
@@ -911,7 +927,7 @@ def test_redis_at_maxmemory_no_stale_reads(env: Servers, policy: str, figure: Ca
             verdict = judge(env.dsn, [log])
             info = admin.info()
             s = cache.stats()["redis"]
-            figure(f"maxmemory 2mb {policy}: {verdict.writes} hot writes, {verdict.invals} invalidates, {verdict.reads} "
+            figure(f"{api}: maxmemory 2mb {policy}: {verdict.writes} hot writes, {verdict.invals} invalidates, {verdict.reads} "
                    f"hot key reads ({verdict.judged} judged), {log['bulk_ops']} bulk calls over {len(bulk)} keys x 1.5 KB; "
                    f"peak used_memory {peak[0] / 1e6:.2f} MB, evicted_keys {info['evicted_keys']}, keys now "
                    f"{info.get('db0', {}).get('keys', 0)}")
@@ -937,11 +953,12 @@ def test_redis_at_maxmemory_no_stale_reads(env: Servers, policy: str, figure: Ca
 # --------------------------------------------------------------------------- crash between commit and Redis update
 
 
-def crash_child(dsn: str, redis_url: str, key: str, ready: Any, go: Any, out_path: str) -> None:
-    """Write v1 through the cache; on `go`, write v2 with the Redis update replaced by a crash (after the commit)."""
+def crash_child(api: str, dsn: str, redis_url: str, key: str, ready: Any, go: Any, out_path: str) -> None:
+    """Write v1 through a cache of `api`; on `go`, write v2 with the Redis update replaced by a crash (after the commit)."""
+    from tiered_cache._async.redis_tier import AsyncRedisTier
     from tiered_cache.tiers.redis import RedisTier
 
-    cache = TieredCache.connect(dsn, redis_url)
+    cache = connect_cache(api, dsn, redis_url)
     v1 = cache.write_cache(CT, SITE, key, {"v": 1})
     with open(out_path, "w") as f:
         f.write(f"{v1}\n")
@@ -957,7 +974,13 @@ def crash_child(dsn: str, redis_url: str, key: str, ready: Any, go: Any, out_pat
             os.fsync(f.fileno())
         os._exit(1)
 
-    RedisTier.write_through = crash  # type: ignore[method-assign]
+    async def crash_async(self: Any, ks: Any, token: Any, latest: Any, txid: Any = None) -> None:
+        crash(self, ks, token, latest, txid)
+
+    if api == "sync":
+        RedisTier.write_through = crash  # type: ignore[method-assign]
+    else:
+        AsyncRedisTier.write_through = crash_async  # type: ignore[method-assign]
     cache.write_cache(CT, SITE, key, {"v": 2})
     os._exit(2)  # not reached
 
@@ -965,18 +988,18 @@ def crash_child(dsn: str, redis_url: str, key: str, ready: Any, go: Any, out_pat
 @pytest.mark.fault
 @pytest.mark.slow
 @pytest.mark.parametrize("relay_running", [True, False], ids=["relay-running", "relay-started-1s-later"])
-def test_crash_between_commit_and_redis_update(env: Servers, relay_running: bool, tmp_path: Any,
+def test_crash_between_commit_and_redis_update(api: str, env: Servers, relay_running: bool, tmp_path: Any,
                                                figure: Callable[[str], None]) -> None:
     """A process commits v2 and dies before touching Redis, where v1 is cached: the relay removes the stale entry."""
     key = f"crash-{relay_running}"
     out = tmp_path / "child.txt"
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    cache = TieredCache.connect(env.dsn, env.rs.url, relay=relay_running)
+    cache = connect_cache(api, env.dsn, env.rs.url, relay=relay_running)
     direct = redis.Redis.from_url(env.rs.url)
     entry = cache.keys.entry(CT, SITE, key)
     relay: Relay | None = None
-    child = ctx.Process(target=crash_child, args=(env.dsn, env.rs.url, key, ready, go, str(out)))
+    child = ctx.Process(target=crash_child, args=(api, env.dsn, env.rs.url, key, ready, go, str(out)))
     child.start()
     try:
         assert ready.wait(60)
@@ -1022,7 +1045,7 @@ def test_crash_between_commit_and_redis_update(env: Servers, relay_running: bool
         assert gone_at, "the stale v1 entry was never removed"
         row = cache.get_latest(CT, SITE, key)
         assert row is not None and row["id"] == v2 and row["result_json"] == {"v": 2}
-        figure(f"crash after commit ({'relay running' if relay_running else 'relay started 1 s later'}): stale v1 entry "
+        figure(f"{api}: crash after commit ({'relay running' if relay_running else 'relay started 1 s later'}): stale v1 entry "
                f"stayed {ms(gone_at[0] - t_commit)} after v2's commit, "
                f"{ms(gone_at[0] - t_death)} relative to the child's death being noticed "
                f"(negative: gone before); stale reads served meanwhile by this test: {stale_reads_seen}")

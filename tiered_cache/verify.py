@@ -8,13 +8,20 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._sync_client import relay_tier
 from .contracts import DOWN, MISS
 from .errors import ConfigurationError, StoreUnavailable
 from .facade import TieredCache
 from .policy.entries import decode
+from .tiers.postgres import PostgresStore
+
+if TYPE_CHECKING:
+    from ._async.facade import AsyncTieredCache
+    from ._async.store import AsyncPostgresStore
+    from ._sync.redis_tier import RedisTier
+    from .policy.keys import KeySpace
 
 
 @dataclass
@@ -40,24 +47,46 @@ class VerifyReport:
         return f"{self.consistent}/{self.sampled} consistent ({self.share:.6f}, {nines}); {len(self.mismatches)} mismatches"
 
 
-def verify(cache: TieredCache, *, sample: int = 1000, seed: int | None = None) -> VerifyReport:
-    """Compare sampled Redis entries with PostgreSQL; a mismatch is re-read once, since a write may race the check."""
-    client = relay_tier(cache.redis).client  # a sync client, whichever API the cache is
+def verify(cache: TieredCache | AsyncTieredCache, *, sample: int = 1000, seed: int | None = None) -> VerifyReport:
+    """Compare sampled Redis entries with PostgreSQL; a mismatch is re-read once, since a write may race the check.
+
+    It blocks: an AsyncTieredCache is read through sync connections of verify's own (as its relay is), so from
+    async code run it in a thread (`await asyncio.to_thread(verify, cache)`).
+    """
+    tier = relay_tier(cache.redis)  # the cache's own tier if it is sync, else one on a sync client of its own
+    store = cache.store if isinstance(cache.store, PostgresStore) else _sync_store(cache.store)
+    try:
+        return _verify(cache.keys, tier, store, sample, seed)
+    finally:
+        if tier is not cache.redis:
+            tier.close()
+            tier.client.connection_pool.disconnect()
+        if store is not cache.store:
+            store.close()
+
+
+def _sync_store(store: AsyncPostgresStore) -> PostgresStore:
+    """A one-connection sync store that reads what the async store reads (same DSN, zone and limits)."""
+    return PostgresStore(store.dsn, policy=store.policy, limits=store.limits, min_size=1, max_size=1,
+                         pool_timeout=store.pool_timeout)
+
+
+def _verify(keys: KeySpace, tier: RedisTier, store: PostgresStore, sample: int, seed: int | None) -> VerifyReport:
     entries: list[str] = []
-    for key in client.scan_iter(match=cache.keys.namespace + ":e:*", count=1000):
+    for key in tier.client.scan_iter(match=keys.namespace + ":e:*", count=1000):
         entries.append(key.decode() if isinstance(key, bytes) else key)
     random.Random(seed).shuffle(entries)
     report = VerifyReport()
     for entry in entries[:sample]:
-        key = cache.keys.parse_entry(entry)
-        first = _compare(cache, entry, key)
+        key = keys.parse_entry(entry)
+        first = _compare(tier, store, entry, key)
         if first is None:
             continue
         report.sampled += 1
         if first == ():
             report.consistent += 1
             continue
-        again = _compare(cache, entry, key)
+        again = _compare(tier, store, entry, key)
         if again is None or again == ():
             report.consistent += 1
         else:
@@ -65,13 +94,13 @@ def verify(cache: TieredCache, *, sample: int = 1000, seed: int | None = None) -
     return report
 
 
-def _compare(cache: TieredCache, entry: str, key: tuple[str, int, str]) -> Any:
+def _compare(tier: RedisTier, store: PostgresStore, entry: str, key: tuple[str, int, str]) -> Any:
     """None if the entry is gone; () if Redis and PostgreSQL agree; else (redis_row, postgres_row)."""
-    raw = cache.redis.get_raw(entry)
+    raw = tier.get_raw(entry)
     if raw is MISS or raw is DOWN:
         return None
     cached = decode(raw)
-    truth = cache.store.get_latest(*key)
+    truth = store.get_latest(*key)
     return () if cached == truth else (cached, truth)
 
 

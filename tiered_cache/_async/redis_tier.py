@@ -188,7 +188,7 @@ class AsyncRedisTier(AsyncRedisWrites):
         elif kind is SATURATED:
             self.stats.saturated += 1
         if kind.refusing:
-            self._probe.refused(kind, exc)
+            await self._probe.refused(kind, exc)
         logger.debug("redis tier: %s (%s): %s", type(exc).__name__, kind, exc)
         return kind
 
