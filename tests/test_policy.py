@@ -414,3 +414,25 @@ def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -
     """A probe that never runs, or a negative hold-down, is a configuration error."""
     with pytest.raises(ConfigurationError):
         RefusalWatch(interval, hold)
+
+
+# -- get_many's page gate (policy/page_gate.py) -------------------------------------------------------
+
+
+def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not() -> None:
+    from tiered_cache.policy.page_gate import PageGate
+
+    gate = PageGate(threshold=0.5, sample=8, alpha=0.25)
+    for _ in range(20):
+        assert gate.try_near()
+        gate.tried_page(True)
+    while gate.share >= 0.5:
+        assert gate.try_near()
+        gate.tried_page(False)
+    tries = [gate.try_near() for _ in range(16)]
+    assert tries.count(True) == 2 and tries[7] and tries[15]  # one page in `sample` still tries
+    for _ in range(10):  # the hot set fits again: the sampled pages are whole, the gate reopens
+        while not gate.try_near():
+            pass
+        gate.tried_page(True)
+    assert gate.share >= 0.5 and gate.try_near()

@@ -22,6 +22,7 @@ from ..observe import tracing
 from ..policy.breaker import CircuitBreaker
 from ..policy.entries import NEGATIVE, decode, encode, encode_entry, entry_expires_at_ms, expires_at_ms
 from ..policy.keys import KeySet, KeySpace
+from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from .client import async_redis_client
@@ -89,6 +90,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         self.near: NearTier | None = self._share.near
         self.listener: CoherenceListener | None = self._share.listener
         self._init_generations()
+        self._pages = PageGate()  # get_many tries the near tier only while it answers whole pages
 
     @classmethod
     async def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
@@ -206,6 +208,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
             return {}, "none", "ok"
         found: dict[str, Any] = {}
         near = self.near
+        if near is not None and not self._pages.try_near():
+            near = None  # pages are rarely whole in the near tier now: a plain Redis page (see policy/page_gate)
         if near is not None:
             epoch, started = near.epoch, near.timer()
             lookup = near.get_raw if as_json else near.get
@@ -216,6 +220,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                     ask.append((target, entry))
                 else:
                     found[target] = None if as_json and value == NEGATIVE else value
+            self._pages.tried_page(not ask)
             if not ask:
                 return found, "near", "hit"
         else:
