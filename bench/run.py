@@ -397,6 +397,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching contenders "
                    "(the old service and the floors are always kept, for the ratios)")
     p.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep")
+    p.add_argument("--scale", action="store_true",
+                   help="measure how cost grows with the table instead (bench/scale.py: --scale --help)")
     p.add_argument("--async", dest="async_", action="store_true",
                    help="run the async hit-path bench instead (bench/amicro.py; its flags follow: --async --help)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results.json/.md and chart.png go")
@@ -416,6 +418,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table; write results.json, results.md and chart.png. Returns 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scale" in argv:  # how cost grows with the table (bench/scale.py has flags of its own)
+        from .scale import main as scale_main
+
+        argv.remove("--scale")
+        return scale_main(argv)
     if "--async" in argv:  # the async bench has flags of its own
         from .amicro import main as async_main
 
