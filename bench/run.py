@@ -401,6 +401,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="measure how cost grows with the table instead (bench/scale.py: --scale --help)")
     p.add_argument("--async", dest="async_", action="store_true",
                    help="run the async hit-path bench instead (bench/amicro.py; its flags follow: --async --help)")
+    p.add_argument("--http", action="store_true",
+                   help="run the FastAPI example under HTTP load instead (bench/http.py; its flags follow: --http --help)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results.json/.md and chart.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--dsn", help="PostgreSQL DSN (default $TIERED_CACHE_DSN, else a throwaway server)")
@@ -428,6 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argv.remove("--async")
         return async_main(argv)
+    if "--http" in argv:  # so has the web workload
+        from .http import main as http_main
+
+        argv.remove("--http")
+        return http_main(argv)
     args = parse(argv)
     if args.dsn:
         os.environ["TIERED_CACHE_DSN"] = args.dsn

@@ -3,7 +3,8 @@
 Run it: `python examples/fastapi_app.py` (uvicorn on 127.0.0.1:8000). It uses TIERED_CACHE_DSN and
 TIERED_CACHE_REDIS_URL when set, and otherwise starts throwaway PostgreSQL and Redis servers.
 TIERED_CACHE_NEAR_MAX_ENTRIES (default 10000; 0 turns the near tier off) and TIERED_CACHE_RELAY
-(default 1) tune the cache.
+(default 1) tune the cache. TIERED_CACHE_BACKEND=store serves the same endpoints from the pooled
+AsyncPostgresStore alone, no cache (the baseline of `tiered-cache bench --http`).
 
     curl -X POST localhost:8000/results/7/t1 -H 'content-type: application/json' -d '{"clue": "x"}'
     curl 'localhost:8000/board/7?targets=t1,t2'
@@ -24,7 +25,7 @@ import orjson
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from tiered_cache import AsyncTieredCache, ConfigurationError, InvalidInput, migrate
+from tiered_cache import AsyncPostgresStore, AsyncTieredCache, ConfigurationError, InvalidInput, migrate
 
 DEFAULT_TYPE = "app3_clue"
 
@@ -37,14 +38,60 @@ def _options() -> dict[str, Any]:
     }
 
 
+class StoreOnly:
+    """The pooled store behind the cache's JSON read names: orjson.dumps of its dict answers, no cache."""
+
+    def __init__(self, store: AsyncPostgresStore) -> None:
+        self.store = store
+
+    async def get_many_json(self, cache_type: str, site_id: int, target_ids: list[str]) -> dict[str, bytes | None]:
+        page = await self.store.get_many(cache_type, site_id, target_ids)
+        return {t: None if row is None else orjson.dumps(row) for t, row in page.items()}
+
+    async def get_latest_json(self, cache_type: str, site_id: int, target_id: str) -> bytes | None:
+        row = await self.store.get_latest(cache_type, site_id, target_id)
+        return None if row is None else orjson.dumps(row)
+
+    async def get_history_json(self, cache_type: str, site_id: int, target_id: str, limit: int = 2) -> bytes:
+        return orjson.dumps(await self.store.get_history(cache_type, site_id, target_id, limit))
+
+    async def write_cache(self, *args: Any, **kwargs: Any) -> int:
+        return await self.store.write_cache(*args, **kwargs)
+
+    async def invalidate(self, cache_type: str, site_id: int, target_id: str) -> int:
+        return await self.store.invalidate(cache_type, site_id, target_id)
+
+    async def health(self) -> StoreHealth:
+        """Ready while PostgreSQL answers (ping raises StoreUnavailable otherwise)."""
+        await self.store.ping()
+        return StoreHealth()
+
+
+class StoreHealth:
+    """StoreOnly's answer to /healthz, in the shape of the cache's health report."""
+
+    ok = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": True, "backend": "store"}
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """One cache per process: created before the first request, closed after the last."""
     dsn = os.environ.get("TIERED_CACHE_DSN")
     url = os.environ.get("TIERED_CACHE_REDIS_URL")
-    if not dsn or not url:
+    backend = os.environ.get("TIERED_CACHE_BACKEND", "cache")
+    if backend not in ("cache", "store"):
+        raise ConfigurationError(f"TIERED_CACHE_BACKEND: expected cache or store, got {backend!r}")
+    if not dsn or (not url and backend == "cache"):
         raise ConfigurationError("set TIERED_CACHE_DSN and TIERED_CACHE_REDIS_URL")
     await asyncio.to_thread(migrate, dsn)  # migrate is sync: off the event loop
+    if backend == "store":
+        async with await AsyncPostgresStore.connect(dsn) as store:
+            app.state.cache = StoreOnly(store)
+            yield
+        return
     async with await AsyncTieredCache.connect(dsn, url, **_options()) as cache:
         app.state.cache = cache
         yield
