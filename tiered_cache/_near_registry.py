@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from . import _fork
+from ._deployment import identity
 from .coherence import CoherenceListener
 from .tiers.near import NearTier, check_bounds
 
@@ -26,11 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 def server_of(client: redis.Redis) -> tuple[Any, ...]:
-    """The Redis a client talks to, as its pool names it: unix socket path, or host and port; and the db."""
-    kwargs = client.connection_pool.connection_kwargs
-    if kwargs.get("path"):
-        return ("unix", kwargs["path"], kwargs.get("db", 0))
-    return (str(kwargs.get("host", "localhost")).lower(), int(kwargs.get("port", 6379)), kwargs.get("db", 0))
+    """The Redis a client talks to, as its settings name it: socket path or host and port and db, a cluster's
+    seed nodes, or a Sentinel service."""
+    return identity(client)
 
 
 class Peers:

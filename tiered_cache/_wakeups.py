@@ -18,8 +18,7 @@ import redis
 from redis.exceptions import RedisError
 
 from . import _fork
-from ._near_registry import server_of
-from ._sync_client import sync_connection
+from ._deployment import close_sync, identity, sync_client
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +67,9 @@ class WakeBus:
     """A daemon thread subscribed to one change channel, waking the waiters of each announced entry key."""
 
     def __init__(self, client: Any, channel: str) -> None:
-        cls, kwargs = sync_connection(client)
         # It only listens: no restart watch (that one belongs to the cache whose client it came from, and it
         # would flush and report on that cache's behalf for as long as this bus lives).
-        kwargs.pop("redis_connect_func", None)
-        kwargs["socket_timeout"] = 2.0
-        self._pool_args = (cls, kwargs)
+        self._source = client
         self.channel = channel
         self._waiters: dict[str, set[Waiter]] = {}
         self._guard = threading.Lock()
@@ -120,9 +116,8 @@ class WakeBus:
 
     def _run(self) -> None:
         backoff = 0.05
-        cls, kwargs = self._pool_args
         while not self._idle():
-            client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, max_connections=1, **kwargs))
+            client = sync_client(self._source, max_connections=1, blocking=False, timeout=2.0)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.channel)
@@ -147,7 +142,7 @@ class WakeBus:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                client.connection_pool.disconnect()
+                close_sync(client)
 
     def _after_fork_in_child(self) -> None:
         """A forked child has no thread: it starts its own bus on first use (see bus_for)."""
@@ -163,7 +158,7 @@ def bus_for(client: Any, channel: str) -> WakeBus | None:
     if not channel:
         return None
     try:
-        key = (*server_of(client), channel)
+        key = (*identity(client), channel)
     except (AttributeError, TypeError, ValueError):  # a client without a plain pool (fakeredis): poll only
         return None
     with _buses_guard:

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import observe
-from ._sync_client import sync_connection
+from ._deployment import close_sync, sync_client
 from .tiers.near import NearTier
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,8 @@ class CoherenceListener:
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
                  gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
         # A thread of its own on sync connections, whichever API the caches use (see _sync_client).
-        self._connection_class, self._connection_kwargs = sync_connection(client)
         # A pub/sub read waits for messages, not for an answer.
-        self._connection_kwargs["socket_timeout"] = max(1.0, poll * 5)
+        self._source, self._read_timeout = client, max(1.0, poll * 5)
         self._client = self._new_client()
         self.channel = channel
         self.near = near
@@ -106,9 +105,7 @@ class CoherenceListener:
         self._lost_since = observe.Episode()
 
     def _new_client(self) -> redis.Redis:
-        pool = redis.ConnectionPool(connection_class=self._connection_class, max_connections=2,
-                                    **self._connection_kwargs)
-        return redis.Redis(connection_pool=pool)
+        return sync_client(self._source, max_connections=2, blocking=False, timeout=self._read_timeout)
 
     def start(self) -> CoherenceListener:
         self._thread.start()
@@ -298,8 +295,7 @@ class CoherenceListener:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.poll * 5 + 1)
-        self._client.close()
-        self._client.connection_pool.disconnect()
+        close_sync(self._client)
 
 
 def _socket_of(pubsub: Any) -> tuple[int | None, Any]:

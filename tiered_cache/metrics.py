@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client import values as _values
 
 from . import _fork
+from ._deployment import watch_of
 from .errors import ConfigurationError, InvalidInput
 from .observe import OPS, READS, TIERS, WRITES, LagWatch
 
@@ -336,8 +337,10 @@ def _sections(source: Any, *, measure_lag: bool = False) -> list[tuple[Any, str,
         for owner, section, values in out:
             if section == "redis" and state is not None:
                 values["breaker_state"] = state
-        watch = getattr(getattr(getattr(redis_tier, "client", None), "connection_pool", None), "connection_kwargs", {})
-        watch = watch.get("redis_connect_func") if isinstance(watch, dict) else None
+        try:
+            watch = watch_of(redis_tier.client)
+        except AttributeError:  # a client without a pool of its own (fakeredis, a test double)
+            watch = None
         if isinstance(getattr(watch, "restarts", None), int) and _weakrefable(watch):
             out.append((watch, "run_watch", {"restarts": watch.restarts}))
     if measure_lag and relay is not None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._deployment import close_sync
 from ._sync_client import relay_tier
 from .contracts import DOWN, MISS
 from .errors import ConfigurationError, StoreUnavailable
@@ -60,7 +61,7 @@ def verify(cache: TieredCache | AsyncTieredCache, *, sample: int = 1000, seed: i
     finally:
         if tier is not cache.redis:
             tier.close()
-            tier.client.connection_pool.disconnect()
+            close_sync(tier.client)
         if store is not cache.store:
             store.close()
 

@@ -52,6 +52,8 @@ NAMES = {
     "acallback": "callback",
     # tiered_cache/_wakeups.py (issue 12): a waiter woken by another thread
     "await_wait": "wait",
+    # tiers/_redis_cluster.py (issue 13): redis-py's cluster clients differ in how they take a connect callback
+    "acluster_client": "cluster_client",
 }
 
 #: Whole import lines whose sync form is not a token-for-token rename.

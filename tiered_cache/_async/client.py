@@ -1,26 +1,58 @@
-"""The bounded Redis client every tier is built on: one timeout for every call, no retries, a blocking pool."""
+"""The bounded Redis client every tier is built on: one timeout for every call, no retries, a bounded pool.
+
+One server (redis://, rediss://, unix://), a Redis Cluster (redis+cluster://) or a Sentinel-watched primary
+(redis+sentinel://): tiers/_redis_cluster.py parses the latter two.
+"""
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from .._acompat import acallback
-from .runwatch import AsyncRunWatch
+from .._deployment import is_cluster
+from ..tiers._redis_cluster import acluster_client, parse
+from .runwatch import AsyncClusterRunWatch, AsyncRunWatch
+
+logger = logging.getLogger(__name__)
 
 
-def async_redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> aioredis.Redis:
-    """A client whose every call is bounded by `timeout`: no retries, a blocking pool, so a sick Redis cannot pile up callers."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        redis_connect_func=acallback(AsyncRunWatch()),  # a restarted Redis is emptied of our keys before it serves us
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
+def async_redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) -> Any:
+    """A client whose every call is bounded by `timeout`: no retries, a bounded pool, so a sick Redis cannot pile up callers.
+
+    Each watches for a restart or failover (runwatch.py): per connection's server, per cluster node.
+    """
+    topology = parse(url)
+    if topology is not None and topology.kind == "cluster":
+        return acluster_client(topology.nodes, topology.options, max_connections=max_connections,
+                               connect_func=acallback(AsyncClusterRunWatch()), ssl=topology.ssl, timeout=timeout)
+    bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0),
+               "retry_on_timeout": False, "health_check_interval": 0}
+    # a restarted (or failed-over) Redis is emptied of our keys before it serves us
+    watch = acallback(AsyncRunWatch())
+    if topology is not None:  # Sentinel: the primary's address is asked of the sentinels on every new connection
+        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **topology.options}
+        sentinel_kwargs.pop("client_name", None)
+        manager = aioredis.Sentinel(topology.nodes, sentinel_kwargs=sentinel_kwargs)
+        if topology.ssl:
+            bounded["connection_class"] = aioredis.sentinel.SentinelManagedSSLConnection
+        return manager.master_for(topology.service, max_connections=max_connections, db=topology.db,
+                                  redis_connect_func=watch, **bounded, **topology.options)
+    pool = aioredis.BlockingConnectionPool.from_url(url, redis_connect_func=watch, max_connections=max_connections,
+                                                    timeout=timeout, **bounded)
     return aioredis.Redis(connection_pool=pool)
+
+
+async def ready_client(client: Any) -> Any:
+    """Connect a cluster client to every primary now, so its watch knows each shard before any failover."""
+    if is_cluster(client):
+        try:
+            await client.ping(target_nodes=client.PRIMARIES)
+        except RedisError as exc:  # a node down at start: its shard is learnt when it answers
+            logger.warning("redis cluster: not every primary answered at start: %s: %s", type(exc).__name__, exc)
+    return client

@@ -25,7 +25,7 @@ from ..policy.keys import KeySet, KeySpace
 from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
-from .client import async_redis_client
+from .client import async_redis_client, ready_client
 from .generate import AsyncGenerations
 from .redis_tier import AsyncRedisTier
 from .store import AsyncPostgresStore
@@ -99,7 +99,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         store_options = {k: options.pop(k) for k in list(options) if k in _STORE_OPTIONS}
         store = await AsyncPostgresStore.connect(dsn, **store_options)
         try:
-            return cls(store, async_redis_client(redis_url, timeout=redis_timeout), owns_clients=True, **options)
+            client = await ready_client(async_redis_client(redis_url, timeout=redis_timeout))
+            return cls(store, client, owns_clients=True, **options)
         except BaseException:
             await store.close()
             raise
@@ -336,7 +337,9 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         if self._owns_clients:
             await self.store.close()
             await self._redis_client.aclose()
-            await self._redis_client.connection_pool.disconnect()  # close() leaves a passed-in pool open
+            pool = getattr(self._redis_client, "connection_pool", None)  # a cluster client has one per node
+            if pool is not None:
+                await pool.disconnect()  # close() leaves a passed-in pool open
 
     async def __aenter__(self) -> AsyncTieredCache:
         return self

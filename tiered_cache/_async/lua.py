@@ -50,7 +50,7 @@ async def send(client: aioredis.Redis, commands: list[Command]) -> list[Any]:
     for command, args in commands:
         if isinstance(command, Script):
             keys, argv = args
-            pipe.evalsha(command.sha, len(keys), *keys, *argv)
+            pipe.execute_command("EVALSHA", command.sha, len(keys), *keys, *argv)  # a cluster pipeline blocks evalsha()
         else:
             pipe.execute_command(command, *args)
     return await pipe.execute(raise_on_error=False)

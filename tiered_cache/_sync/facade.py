@@ -26,7 +26,7 @@ from ..policy.keys import KeySet, KeySpace
 from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
-from .client import redis_client
+from .client import redis_client, ready_client
 from .generate import Generations
 from .redis_tier import RedisTier
 from .store import PostgresStore
@@ -100,7 +100,8 @@ class TieredCache(Generations, CacheWrites):
         store_options = {k: options.pop(k) for k in list(options) if k in _STORE_OPTIONS}
         store = PostgresStore.connect(dsn, **store_options)
         try:
-            return cls(store, redis_client(redis_url, timeout=redis_timeout), owns_clients=True, **options)
+            client = ready_client(redis_client(redis_url, timeout=redis_timeout))
+            return cls(store, client, owns_clients=True, **options)
         except BaseException:
             store.close()
             raise
@@ -337,7 +338,9 @@ class TieredCache(Generations, CacheWrites):
         if self._owns_clients:
             self.store.close()
             self._redis_client.close()
-            self._redis_client.connection_pool.disconnect()  # close() leaves a passed-in pool open
+            pool = getattr(self._redis_client, "connection_pool", None)  # a cluster client has one per node
+            if pool is not None:
+                pool.disconnect()  # close() leaves a passed-in pool open
 
     def __enter__(self) -> TieredCache:
         return self

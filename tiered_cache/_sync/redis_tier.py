@@ -43,12 +43,14 @@ import redis
 from redis.exceptions import RedisError
 
 from .. import _fork, observe
+from .._deployment import is_cluster, watch_of
 from ..contracts import DOWN, MISS, Row
 from ..errors import ConfigurationError
 from ..policy.breaker import CLOSED, OPEN, CircuitBreaker
 from ..policy.entries import expires_at_ms
 from ..policy.failures import SATURATED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
+from ..tiers._redis_cluster import by_slot
 from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
 from ..tiers.lua_scripts import FILL_SCRIPT
 from .lua import evalsha, run_pipeline, send
@@ -92,6 +94,7 @@ class RedisTier(RedisWrites):
         self.max_owed = max_owed
         self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
+        self.cluster = is_cluster(client)  # multi-key reads go out per slot, one pipeline per node
         self.keys = keys
         self.negative_ms = int(negative_ttl * 1000)
         self.no_expiry_ms = int(no_expiry_ttl * 1000)
@@ -104,7 +107,7 @@ class RedisTier(RedisWrites):
         self._breaker_open = observe.Episode()
         self._owing = observe.Episode()
         self.channel = keys.channel if announce else ""
-        watch = client.connection_pool.connection_kwargs.get("redis_connect_func")
+        watch = watch_of(client)
         if isinstance(watch, RunWatch):
             watch.watch(keys.namespace, self.channel)
         self._new_identity()
@@ -245,13 +248,32 @@ class RedisTier(RedisWrites):
         self.stats.hits += 1
         return raw
 
+    def _mget_slots(self, keys: list[str], probe: bool) -> list[Any]:
+        """MGET on a cluster: one MGET per slot, in one pipeline (one round trip per node), the probe alongside."""
+        groups = list(by_slot(keys).values())
+        commands: list[Any] = [("MGET", tuple(keys[i] for i in group)) for group in groups]
+        if probe and self._refusal.due(_monotonic()):
+            commands.append(("DEL", (self.keys.probe,)))
+        results = send(self.client, commands)
+        if len(results) > len(groups) and isinstance(results[-1], Exception) and classify(results[-1]).refusing:
+            raise results[-1]
+        raws: list[Any] = [None] * len(keys)
+        for group, got in zip(groups, results):
+            if isinstance(got, Exception):
+                raise got
+            for i, raw in zip(group, got):
+                raws[i] = raw
+        return raws
+
     def get_raws(self, keys: list[str]) -> Any:
         """MGET of many entries: a list of encoded entry or MISS per key, or DOWN."""
         watch = self._refusal
         if (self._pending or watch.refusing or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
-            if _monotonic() < watch.probe_due:
+            if self.cluster:
+                raws = self._mget_slots(keys, _monotonic() >= watch.probe_due)
+            elif _monotonic() < watch.probe_due:
                 raws = self.client.execute_command("MGET", *keys)
             else:
                 raws = self._probed("MGET", tuple(keys))

@@ -22,7 +22,7 @@ from ..policy.keys import KeySet
 from ..tiers._redis_shared import CONTENDED, RETRY_EVERY
 from ..tiers.lua_scripts import KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT
 from .lua import evalsha, run_pipeline
-from .runwatch import drop_namespace
+from .runwatch import drop_everywhere
 
 _monotonic = time.monotonic
 
@@ -148,7 +148,7 @@ class RedisWrites:
     def flush_namespace(self) -> int:
         """Drop every key of this namespace (the table was truncated) and announce a flush; raises on failure."""
         try:
-            deleted = drop_namespace(self.client.execute_command, self.keys.namespace)
+            deleted = drop_everywhere(self.client, self.keys.namespace)
             if self.channel:
                 self.client.publish(self.channel, self._message("*"))
         except RedisError as exc:
