@@ -14,11 +14,10 @@ import os
 import threading
 from typing import Any
 
-import redis
-from redis.exceptions import RedisError
 
 from . import _fork
 from ._deployment import close_sync, identity, sync_client
+from .policy.failures import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class WakeBus:
                     key = (data.decode() if isinstance(data, bytes) else data).split(":", 2)[-1]
                     if key:
                         self._wake(None if key == "*" else key)
-            except (RedisError, OSError, ValueError) as exc:
+            except (*REDIS_FAILURES, OSError, ValueError) as exc:
                 logger.debug("wakeups: %s: %s; waiters fall back to polling", type(exc).__name__, exc)
                 self.subscribed.clear()
                 self._wake(None)

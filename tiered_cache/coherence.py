@@ -12,11 +12,11 @@ from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from . import observe
 from ._deployment import close_sync, sync_client
 from .tiers.near import NearTier
+from .policy.failures import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class CoherenceListener:
                 try:
                     if select.select((fd,), (), (), 0)[0]:
                         self._drain(time.monotonic())
-                except (RedisError, OSError, ValueError) as exc:
+                except (*REDIS_FAILURES, OSError, ValueError) as exc:
                     # The listener thread finds the same fault on its next read and reconnects; until then
                     # the near tier cannot vouch for anything.
                     logger.info("coherence listener: %s while polling: %s; near tier off", type(exc).__name__, exc)
@@ -278,7 +278,7 @@ class CoherenceListener:
                             self._last_heard = time.monotonic()
                             if msg["type"] == "message":
                                 self.handle(msg["data"], self._last_heard)
-            except (RedisError, OSError, ValueError) as exc:
+            except (*REDIS_FAILURES, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
                 if self._lost_since.begin():
                     observe.listener_lost(self.namespace, type(exc).__name__)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from redis.exceptions import RedisError
 
 from . import _fork
 from ._sync_client import relay_tier
+from .policy.failures import REDIS_FAILURES
 from .policy.keys import KeySpace
 from .tiers.postgres import TCP_TIMEOUTS
 from .tiers.redis import RedisTier
@@ -152,7 +152,7 @@ class Relay:
                 self.catch_up()
                 backoff = 0.05
                 self._wait_for_notify(self.poll_interval)
-            except (psycopg.Error, RedisError, OSError) as exc:
+            except (psycopg.Error, *REDIS_FAILURES, OSError) as exc:
                 self.stats.errors += 1
                 logger.warning("relay %s: %s: %s (retrying in %.2f s)", self.name, type(exc).__name__, exc, backoff)
                 self._close_connections()

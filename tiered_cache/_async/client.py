@@ -12,12 +12,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from .._acompat import acallback
 from .._deployment import is_cluster
 from ..tiers._redis_cluster import acluster_client, parse
 from .runwatch import AsyncClusterRunWatch, AsyncRunWatch
+from ..policy.failures import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,6 @@ async def ready_client(client: Any) -> Any:
     if is_cluster(client):
         try:
             await client.ping(target_nodes=client.PRIMARIES)
-        except RedisError as exc:  # a node down at start: its shard is learnt when it answers
+        except REDIS_FAILURES as exc:  # a node down at start: its shard is learnt when it answers
             logger.warning("redis cluster: not every primary answered at start: %s: %s", type(exc).__name__, exc)
     return client

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from ..policy.failures import NOSCRIPT, classify
 from ..tiers.lua_scripts import Command, Script
+from ..policy.failures import REDIS_FAILURES
 
 
 async def evalsha(client: aioredis.Redis, script: Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
@@ -17,7 +17,7 @@ async def evalsha(client: aioredis.Redis, script: Script, keys: Iterable[str], a
     keys = tuple(keys)
     try:
         return await client.evalsha(script.sha, len(keys), *keys, *args)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         if classify(exc) is not NOSCRIPT:
             raise
         await client.script_load(script.text)

@@ -6,7 +6,6 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
 
 from .. import observe
 
@@ -14,6 +13,7 @@ from .._acompat import AEvent, AWorker, await_event
 from ..policy.failures import classify
 from ..policy.keys import KeySet
 from ..tiers._redis_shared import ANSWERED_CADENCE, CHUNK, CLOSE_JOIN, NAMESPACE, OUTAGE_BACKOFF
+from ..policy.failures import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from .redis_tier import AsyncRedisTier
@@ -102,7 +102,7 @@ class AsyncOwedKills:
                         await tier.flush_namespace()
                     else:
                         await tier.kill_or_raise(owed)
-                except RedisError as exc:
+                except REDIS_FAILURES as exc:
                     self.outage = classify(exc).outage
                     return False
                 with self.lock:

@@ -6,9 +6,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
 
 from ..policy.failures import WRITES_REFUSED, Failure, RefusalWatch
+from ..policy.failures import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from .redis_tier import AsyncRedisTier
@@ -45,7 +45,7 @@ class AsyncWriteProbe:
         if tier.channel and kind is WRITES_REFUSED:  # PUBLISH is no write: a replica or MISCONF still takes it
             try:
                 await tier.client.publish(tier.channel, tier._message("*"))
-            except RedisError:
+            except REDIS_FAILURES:
                 pass  # best effort: every listener's own tier probes too
 
     async def send(self) -> bool:
@@ -53,7 +53,7 @@ class AsyncWriteProbe:
         tier = self.tier
         try:
             await tier.client.execute_command("DEL", tier.keys.probe)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             if not (await tier._failed(exc)).refusing:  # no answer, or an unrelated one, proves nothing
                 with self.lock:
                     self.watch.unanswered()

@@ -57,6 +57,7 @@ from .owed import AsyncOwedKills
 from .probe import AsyncWriteProbe
 from .redis_writes import AsyncRedisWrites
 from .runwatch import AsyncRunWatch
+from ..policy.failures import REDIS_FAILURES
 
 __all__ = ["CONTENDED", "AsyncRedisTier", "AsyncRunWatch", "RedisStats"]
 
@@ -237,7 +238,7 @@ class AsyncRedisTier(AsyncRedisWrites):
                 raw = await self.client.execute_command(command, *args)
             else:
                 raw = await self._probed(command, args)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return DOWN
         self._ok()
@@ -276,7 +277,7 @@ class AsyncRedisTier(AsyncRedisWrites):
                 raws = await self.client.execute_command("MGET", *keys)
             else:
                 raws = await self._probed("MGET", tuple(keys))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return DOWN
         self._ok()
@@ -294,7 +295,7 @@ class AsyncRedisTier(AsyncRedisWrites):
         token = self._token()
         try:
             taken = await self.client.set(lease_key, token, nx=True, px=self.lease_ms)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return None
         self._ok()
@@ -308,7 +309,7 @@ class AsyncRedisTier(AsyncRedisWrites):
         commands = [("SET", (k, t, "NX", "PX", self.lease_ms)) for k, t in zip(lease_keys, tokens)]
         try:
             results = await run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return [None] * len(lease_keys)
         self._ok()
@@ -336,7 +337,7 @@ class AsyncRedisTier(AsyncRedisWrites):
             commands.append((FILL_SCRIPT, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
         try:
             results = await run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return
         self._ok()
@@ -356,7 +357,7 @@ class AsyncRedisTier(AsyncRedisWrites):
             return
         try:
             done = await evalsha(self.client, FILL_SCRIPT, (target, lease_key), args)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return
         self._ok()

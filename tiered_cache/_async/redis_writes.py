@@ -22,6 +22,7 @@ from ..tiers._redis_shared import CONTENDED, RETRY_EVERY
 from ..tiers.lua_scripts import KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT
 from .lua import evalsha, run_pipeline
 from .runwatch import drop_everywhere
+from ..policy.failures import REDIS_FAILURES
 
 _monotonic = time.monotonic
 
@@ -43,7 +44,7 @@ class AsyncRedisWrites:
         token = "w" + self._token()
         try:
             displaced = await self.client.set(ks.lease, token, px=self.lease_ms, get=True)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             return DOWN if await self._failed(exc) is OUTAGE else None
         self._ok()
         return CONTENDED if displaced is not None and displaced[:1] == b"w" else token
@@ -55,7 +56,7 @@ class AsyncRedisWrites:
         try:
             commands = [("SET", (ks.lease, "w" + self._token(), "PX", self.lease_ms)) for ks in keysets]
             await run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return
         self._ok()
@@ -79,7 +80,7 @@ class AsyncRedisWrites:
                 await evalsha(
                     self.client, WRITE_THROUGH_SCRIPT, ks.all,
                     (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""))
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 kind = await self._failed(exc)
                 if kind is OUTAGE or kind is WRITES_REFUSED:  # a kill now would fail the same way
                     return self._owe_kill(ks)
@@ -106,7 +107,7 @@ class AsyncRedisWrites:
                 try:
                     await self.kill_or_raise(keysets, history_only=history_only)
                     return
-                except RedisError as exc:
+                except REDIS_FAILURES as exc:
                     kind = classify(exc)
                 if not kind.retry_kill:
                     break
@@ -137,7 +138,7 @@ class AsyncRedisWrites:
             results = await run_pipeline(self.client, commands, strict=True)  # type: ignore[arg-type]
             if any(r not in (0, 1) for r in results):
                 raise RedisError(f"unexpected answer to a kill: {results!r}")
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             raise
         self._ok()
@@ -150,7 +151,7 @@ class AsyncRedisWrites:
             deleted = await drop_everywhere(self.client, self.keys.namespace)
             if self.channel:
                 await self.client.publish(self.channel, self._message("*"))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             raise
         self._ok()
@@ -162,7 +163,7 @@ class AsyncRedisWrites:
             return
         try:
             await evalsha(self.client, RELEASE_SCRIPT, (ks.lease,), (token,))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             await self._failed(exc)
             return
         self._ok()

@@ -13,12 +13,12 @@ from typing import Any
 import redis
 from redis.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from .._acompat import callback
 from .._deployment import is_cluster
 from ..tiers._redis_cluster import cluster_client, parse
 from .runwatch import ClusterRunWatch, RunWatch
+from ..policy.failures import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,6 @@ def ready_client(client: Any) -> Any:
     if is_cluster(client):
         try:
             client.ping(target_nodes=client.PRIMARIES)
-        except RedisError as exc:  # a node down at start: its shard is learnt when it answers
+        except REDIS_FAILURES as exc:  # a node down at start: its shard is learnt when it answers
             logger.warning("redis cluster: not every primary answered at start: %s: %s", type(exc).__name__, exc)
     return client

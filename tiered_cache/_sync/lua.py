@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError
 
 from ..policy.failures import NOSCRIPT, classify
 from ..tiers.lua_scripts import Command, Script
+from ..policy.failures import REDIS_FAILURES
 
 
 def evalsha(client: redis.Redis, script: Script, keys: Iterable[str], args: Iterable[Any]) -> Any:
@@ -18,7 +18,7 @@ def evalsha(client: redis.Redis, script: Script, keys: Iterable[str], args: Iter
     keys = tuple(keys)
     try:
         return client.evalsha(script.sha, len(keys), *keys, *args)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         if classify(exc) is not NOSCRIPT:
             raise
         client.script_load(script.text)

@@ -7,7 +7,6 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
 
 from .. import observe
 
@@ -15,6 +14,7 @@ from .._acompat import Event, Worker, wait_event
 from ..policy.failures import classify
 from ..policy.keys import KeySet
 from ..tiers._redis_shared import ANSWERED_CADENCE, CHUNK, CLOSE_JOIN, NAMESPACE, OUTAGE_BACKOFF
+from ..policy.failures import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from .redis_tier import RedisTier
@@ -103,7 +103,7 @@ class OwedKills:
                         tier.flush_namespace()
                     else:
                         tier.kill_or_raise(owed)
-                except RedisError as exc:
+                except REDIS_FAILURES as exc:
                     self.outage = classify(exc).outage
                     return False
                 with self.lock:

@@ -7,9 +7,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
 
 from ..policy.failures import WRITES_REFUSED, Failure, RefusalWatch
+from ..policy.failures import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from .redis_tier import RedisTier
@@ -46,7 +46,7 @@ class WriteProbe:
         if tier.channel and kind is WRITES_REFUSED:  # PUBLISH is no write: a replica or MISCONF still takes it
             try:
                 tier.client.publish(tier.channel, tier._message("*"))
-            except RedisError:
+            except REDIS_FAILURES:
                 pass  # best effort: every listener's own tier probes too
 
     def send(self) -> bool:
@@ -54,7 +54,7 @@ class WriteProbe:
         tier = self.tier
         try:
             tier.client.execute_command("DEL", tier.keys.probe)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             if not (tier._failed(exc)).refusing:  # no answer, or an unrelated one, proves nothing
                 with self.lock:
                     self.watch.unanswered()

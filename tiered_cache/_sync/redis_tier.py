@@ -58,6 +58,7 @@ from .owed import OwedKills
 from .probe import WriteProbe
 from .redis_writes import RedisWrites
 from .runwatch import RunWatch
+from ..policy.failures import REDIS_FAILURES
 
 __all__ = ["CONTENDED", "RedisTier", "RunWatch", "RedisStats"]
 
@@ -238,7 +239,7 @@ class RedisTier(RedisWrites):
                 raw = self.client.execute_command(command, *args)
             else:
                 raw = self._probed(command, args)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return DOWN
         self._ok()
@@ -277,7 +278,7 @@ class RedisTier(RedisWrites):
                 raws = self.client.execute_command("MGET", *keys)
             else:
                 raws = self._probed("MGET", tuple(keys))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return DOWN
         self._ok()
@@ -295,7 +296,7 @@ class RedisTier(RedisWrites):
         token = self._token()
         try:
             taken = self.client.set(lease_key, token, nx=True, px=self.lease_ms)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return None
         self._ok()
@@ -309,7 +310,7 @@ class RedisTier(RedisWrites):
         commands = [("SET", (k, t, "NX", "PX", self.lease_ms)) for k, t in zip(lease_keys, tokens)]
         try:
             results = run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return [None] * len(lease_keys)
         self._ok()
@@ -337,7 +338,7 @@ class RedisTier(RedisWrites):
             commands.append((FILL_SCRIPT, ((ks.entry, ks.lease), (token, value, mode, ms, ""))))
         try:
             results = run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return
         self._ok()
@@ -357,7 +358,7 @@ class RedisTier(RedisWrites):
             return
         try:
             done = evalsha(self.client, FILL_SCRIPT, (target, lease_key), args)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return
         self._ok()

@@ -23,6 +23,7 @@ from ..tiers._redis_shared import CONTENDED, RETRY_EVERY
 from ..tiers.lua_scripts import KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT
 from .lua import evalsha, run_pipeline
 from .runwatch import drop_everywhere
+from ..policy.failures import REDIS_FAILURES
 
 _monotonic = time.monotonic
 
@@ -44,7 +45,7 @@ class RedisWrites:
         token = "w" + self._token()
         try:
             displaced = self.client.set(ks.lease, token, px=self.lease_ms, get=True)
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             return DOWN if self._failed(exc) is OUTAGE else None
         self._ok()
         return CONTENDED if displaced is not None and displaced[:1] == b"w" else token
@@ -56,7 +57,7 @@ class RedisWrites:
         try:
             commands = [("SET", (ks.lease, "w" + self._token(), "PX", self.lease_ms)) for ks in keysets]
             run_pipeline(self.client, commands)  # type: ignore[arg-type]
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return
         self._ok()
@@ -80,7 +81,7 @@ class RedisWrites:
                 evalsha(
                     self.client, WRITE_THROUGH_SCRIPT, ks.all,
                     (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""))
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 kind = self._failed(exc)
                 if kind is OUTAGE or kind is WRITES_REFUSED:  # a kill now would fail the same way
                     return self._owe_kill(ks)
@@ -107,7 +108,7 @@ class RedisWrites:
                 try:
                     self.kill_or_raise(keysets, history_only=history_only)
                     return
-                except RedisError as exc:
+                except REDIS_FAILURES as exc:
                     kind = classify(exc)
                 if not kind.retry_kill:
                     break
@@ -138,7 +139,7 @@ class RedisWrites:
             results = run_pipeline(self.client, commands, strict=True)  # type: ignore[arg-type]
             if any(r not in (0, 1) for r in results):
                 raise RedisError(f"unexpected answer to a kill: {results!r}")
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             raise
         self._ok()
@@ -151,7 +152,7 @@ class RedisWrites:
             deleted = drop_everywhere(self.client, self.keys.namespace)
             if self.channel:
                 self.client.publish(self.channel, self._message("*"))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             raise
         self._ok()
@@ -163,7 +164,7 @@ class RedisWrites:
             return
         try:
             evalsha(self.client, RELEASE_SCRIPT, (ks.lease,), (token,))
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return
         self._ok()

@@ -10,7 +10,12 @@ writer leases, write-throughs, kills, releases, drains, flushes):
     OOM             OOM: memory-growing commands refused          -        lands (DEL works)  yes
     NOSCRIPT        the script cache was emptied                  -        reloaded, resent   yes
     WRITES_REFUSED  READONLY, MISCONF, NOREPLICAS, NOPERM         -        owed               no, held down
+    RESHARDING      TRYAGAIN: a slot is half moved (a cluster)    -        tried <= kill_wait yes
     OTHER           any other error answer                        -        owed               yes
+
+On a cluster, CLUSTERDOWN and a slot no node serves (a failover under way) are outages:
+that shard does not answer. redis-py raises the last as RedisClusterException, which is no RedisError:
+every path catches REDIS_FAILURES.
 
 'Held down': the tier reads PostgreSQL until its write probe was accepted for hold_down (RefusalWatch).
 Inside a Lua script Redis 7 keeps the error code ('READONLY ... script: ...'); Redis 6.2 wraps it
@@ -26,7 +31,12 @@ from dataclasses import dataclass
 
 import redis.exceptions
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    RedisClusterException,
+    TryAgainError,
     InvalidResponse,
     NoPermissionError,
     NoScriptError,
@@ -59,7 +69,11 @@ BUSY = Failure("busy", retry_kill=True, refusing=True)
 OOM = Failure("oom")
 NOSCRIPT = Failure("noscript")
 WRITES_REFUSED = Failure("writes-refused", refusing=True)
+RESHARDING = Failure("resharding", retry_kill=True)
 OTHER = Failure("other")
+
+#: What a Redis call may raise: redis-py's errors, and its cluster client's own (not RedisError subclasses).
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
 
 _CODES = {
     "OOM": OOM,
@@ -87,6 +101,10 @@ def classify(exc: BaseException) -> Failure:
         return NOSCRIPT
     if isinstance(exc, (ReadOnlyError, NoPermissionError)):
         return WRITES_REFUSED
+    if isinstance(exc, RedisClusterException) or (isinstance(exc, ClusterDownError) and not isinstance(exc, MasterDownError)):
+        return OUTAGE
+    if isinstance(exc, (TryAgainError, AskError)):  # a slot on the move: retried, as a redirect needs
+        return RESHARDING
     if isinstance(exc, BusyLoadingError):  # a ConnectionError subclass, but an answer: Redis is loading
         return BUSY
     if isinstance(exc, RedisConnectionError):
