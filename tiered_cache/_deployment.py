@@ -54,7 +54,10 @@ def connection_kwargs(client: Any) -> dict[str, Any]:
 
 def watch_of(client: Any) -> Any:
     """The client's restart watch (runwatch.py), or None."""
-    found = connection_kwargs(client).get("redis_connect_func")
+    if isinstance(client, _cluster.RedisCluster):  # it calls ours after its own handshake
+        found = client.user_on_connect_func
+    else:
+        found = connection_kwargs(client).get("redis_connect_func")
     return getattr(found, "__self__", found)  # a sync cluster client holds the watch's bound check()
 
 
