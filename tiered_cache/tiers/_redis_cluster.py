@@ -96,13 +96,36 @@ def cluster_client(nodes: Iterable[tuple[str, int]], options: dict[str, Any], *,
         max_connections=max_connections, ssl=ssl, health_check_interval=0, **kwargs)
 
 
+class _GuardedSend:
+    """redis.asyncio sends from a task of its own (wait_for): a connection another task closed meanwhile has no
+    writer, and redis-py raises AttributeError (seen under failover). Here it is the lost connection it is."""
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        writer = self._writer  # type: ignore[attr-defined]
+        if writer is None:
+            raise redis.exceptions.ConnectionError("the connection was closed while a command was being sent")
+        writer.writelines(command)
+        await writer.drain()
+
+
+class _ClusterConnection(_GuardedSend, aioredis.Connection):
+    pass
+
+
+class _ClusterSSLConnection(_GuardedSend, aioredis.SSLConnection):
+    pass
+
+
 def acluster_client(nodes: Iterable[tuple[str, int]], options: dict[str, Any], *, max_connections: int,
                     connect_func: Callable[..., Any] | None, ssl: bool = False, timeout: float | None = None) -> Any:
     """An async RedisCluster like cluster_client; it connects on first use (or AsyncTieredCache.connect)."""
     kwargs = _bounded(timeout, options)
+    connection_class = _ClusterSSLConnection if ssl else _ClusterConnection
     client = aioredis.RedisCluster(
-        startup_nodes=[aioredis.cluster.ClusterNode(h, p, **kwargs) for h, p in nodes],
+        startup_nodes=[aioredis.cluster.ClusterNode(h, p, connection_class=connection_class, **kwargs)
+                       for h, p in nodes],
         retry=ARetry(NoBackoff(), 0), max_connections=max_connections, ssl=ssl, health_check_interval=0, **kwargs)
+    client.nodes_manager.connection_kwargs["connection_class"] = connection_class  # every node made later
     if connect_func is not None:
         # redis.asyncio's cluster takes no redis_connect_func: every node it makes uses these kwargs.
         client.nodes_manager.connection_kwargs["redis_connect_func"] = connect_func
