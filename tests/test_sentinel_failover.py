@@ -1,0 +1,109 @@
+"""Failover behind Sentinel (1 primary, 1 replica, 3 sentinels): no stale read after a write returned.
+
+As on a cluster (tests/test_cluster_failover.py): a replica cut off before a kill is promoted with the
+killed entry, and the restart watch (a new run id on the first connection to the new primary) drops it
+before anything is served; then a SIGKILL of the primary under 4 writers and 8 readers. Both APIs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from _apis import connect_cache, target
+from _util import wait_until
+from test_faults import Plan, judge, lost_writes, run_threads
+from tiered_cache._deployment import watch_of
+
+CT, SITE = "app3_clue", 13
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+
+def _promoted(sentinel: Any, old: tuple[str, int]) -> tuple[str, int] | None:
+    try:
+        now = sentinel.primary()
+        if int(now[1]) != int(old[1]) and redis.Redis(host=now[0], port=now[1], socket_timeout=0.5).info("replication")["role"] == "master":
+            return now
+    except redis.RedisError:
+        pass
+    return None
+
+
+def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, redis_sentinel: Any, dsn: str) -> None:
+    cache = connect_cache(api, dsn, redis_sentinel.url)
+    try:
+        cache.write_cache(CT, SITE, "fo", {"v": 1})
+        assert cache.get_latest(CT, SITE, "fo")["result_json"] == {"v": 1}
+        entry = cache.keys.entry(CT, SITE, "fo")
+        old = redis_sentinel.primary()
+        primary = redis.Redis(port=int(old[1]), socket_timeout=2)
+        replica_port = int(primary.info("replication")["slave0"]["port"])
+        replica = redis.Redis(port=replica_port, socket_timeout=2)
+        wait_until(lambda: replica.get(entry) is not None, 10, 0.01, "the entry reached the replica")
+        before = replica.get(entry)
+        replica_pid = replica.info("server")["process_id"]
+        os.kill(replica_pid, signal.SIGSTOP)  # it cannot reconnect while stopped...
+        primary.client_kill_filter(_type="replica")  # ...and gets nothing more
+        try:
+            cache.invalidate(CT, SITE, "fo")  # its kill lands on the primary only
+            assert cache.get_latest(CT, SITE, "fo") is None
+            os.kill(primary.info("server")["process_id"], signal.SIGKILL)
+        finally:
+            os.kill(replica_pid, signal.SIGCONT)
+        wait_until(lambda: (_promoted(redis_sentinel, old) or ("", 0))[1] == replica_port, 60, 0.05,
+                   "the sentinels promoted the replica")
+        assert replica.get(entry) == before  # the new primary has the entry the invalidate killed on the old one
+        tier = target(cache.redis)
+        answered = tier.stats.hits + tier.stats.misses
+        reads: list[Any] = []
+
+        def redis_answers_again() -> bool:  # until Redis itself answered 20 reads (not PostgreSQL, breaker open)
+            reads.append(cache.get_latest(CT, SITE, "fo"))
+            return tier.stats.hits + tier.stats.misses >= answered + 20
+
+        wait_until(redis_answers_again, 30, 0.01, "reads served by Redis again")
+        assert reads == [None] * len(reads), f"a promoted replica served an invalidated row: {reads[:3]}"
+        assert watch_of(tier.client).restarts >= 1
+    finally:
+        cache.close()
+
+
+def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_sentinel: Any, dsn: str,
+                                                        figure: Callable[[str], None]) -> None:
+    keys = [f"fo-{i}" for i in range(24)]
+    plan = Plan(dsn, redis_sentinel.url, keys, api, writers=4, readers=8, invalidators=1, seed=4)
+    cache = connect_cache(api, dsn, redis_sentinel.url)
+    try:
+        start = time.monotonic() + 0.2
+        stop = start + 10.0
+        killed: list[Any] = []
+
+        def chaos() -> None:
+            time.sleep(max(0.0, start + 2.0 - time.monotonic()))
+            killed.append(redis_sentinel.kill_primary())
+
+        chaos_thread = threading.Thread(target=chaos, daemon=True)
+        chaos_thread.start()
+        log = run_threads(cache, plan, start, stop)
+        chaos_thread.join(60)
+        assert killed, "the primary was not killed"
+        verdict = judge(dsn, [log])
+        tier = target(cache.redis)
+        figure(f"\nSentinel primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
+               f"{killed[0][1] * 1000:.0f} ms; {len(log['writes'])} writes, {len(log['reads'])} reads, "
+               f"{len(verdict.stale)} stale, {len(log['read_errors']) + len(log['write_errors'])} errors; "
+               f"redis errors {tier.stats.errors}, breaker trips {tier.breaker.trips}")
+        assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
+        assert not log["read_errors"] and not log["write_errors"], (log["read_errors"][:3], log["write_errors"][:3])
+        assert lost_writes(dsn, [w[3] for w in log["writes"]]) == 0
+        assert tier.stats.hits > 0
+    finally:
+        cache.close()
