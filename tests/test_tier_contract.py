@@ -22,7 +22,9 @@ import redis
 import redis.asyncio as aioredis
 
 from tiered_cache import PostgresStore, TieredCache
+from tiered_cache._async.client import async_redis_client, ready_client
 from tiered_cache._async.redis_tier import AsyncRedisTier
+from tiered_cache._sync.client import redis_client
 from tiered_cache.contracts import MISS
 from tiered_cache.policy.entries import NEGATIVE, encode, encode_entry, expires_at_ms
 from tiered_cache.policy.keys import KeySet, KeySpace
@@ -52,15 +54,29 @@ class Backend:
 
 async def _async_tier(url: str, namespace: str, **options: Any) -> AsyncRedisTier:
     """An AsyncRedisTier on its own redis.asyncio client, built inside the event loop that will drive it."""
-    return AsyncRedisTier(aioredis.Redis.from_url(url), KeySpace(namespace), **options)
+    client = aioredis.Redis.from_url(url) if url.startswith("redis://") else await ready_client(async_redis_client(url))
+    return AsyncRedisTier(client, KeySpace(namespace), **options)
 
 
-@pytest.fixture(params=["real", "real-async", "fake"])
+#: Where the contract runs: the session's redis-server (sync, async), a 3-primary cluster and a
+#: Sentinel-watched primary (tests/_deployments.py; sync, async), and fakeredis.
+BACKENDS = ["real", "real-async", "cluster", "cluster-async", "sentinel", "sentinel-async", "fake"]
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    """The session's flushed redis-server, or a fakeredis on a new FakeServer shared by every client of the test."""
+    """The session's flushed redis-server, a flushed cluster or Sentinel deployment, or a fakeredis on a new
+    FakeServer shared by every client of the test."""
     opened: list[Any] = []
     tiers: list[Any] = []
-    if request.param.startswith("real"):
+    kind = request.param.removesuffix("-async")
+    if kind in ("cluster", "sentinel"):
+        url = request.getfixturevalue(f"redis_{kind}").url
+
+        def new_client() -> redis.Redis:  # the library's own client for the URL: watched, bounded
+            opened.append(redis_client(url, timeout=1.0))
+            return opened[-1]
+    elif request.param.startswith("real"):
         url = request.getfixturevalue("redis_url")
 
         def new_client() -> redis.Redis:
@@ -78,7 +94,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     client = new_client()
 
     def make_tier(namespace: str, **options: Any) -> Any:
-        if request.param == "real-async":
+        if request.param.endswith("-async"):
             tiers.append(blocking(_async_tier)(url, namespace, **options))
         else:
             tiers.append(RedisTier(client, KeySpace(namespace), **options))
@@ -87,7 +103,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     yield Backend(request.param, client, new_client, make_tier)
     for t in tiers:
         t.close()
-        if request.param == "real-async":
+        if request.param.endswith("-async"):
             t.client.aclose()
     for c in opened:
         c.close()
