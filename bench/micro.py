@@ -43,6 +43,8 @@ def paths(cache: Any, near_cache: Any | None, targets: list[str]) -> dict[str, t
     from cachetools import LRUCache
 
     client = cache.redis.client  # the very client (and pool) TieredCache uses
+    if getattr(cache.redis, "cluster", False):  # a cluster's floor for many keys: redis-py's own per-slot MGET
+        client = _ClusterFloor(client)
     one = targets[0]
     key = cache.keys.entry(APP, SITE, one)
     many = targets[:50]
@@ -151,6 +153,13 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class _ClusterFloor:
+    """The floor client on a cluster: GET as is, MGET as redis-py's mget_nonatomic (one pipeline per node)."""
+
+    def __init__(self, client: Any) -> None:
+        self.get, self.mget = client.get, client.mget_nonatomic
+
+
 def setup(dsn: str, url: str, n_targets: int = 60) -> tuple[Any, Any | None, list[str]]:
     """Write n_targets rows through TieredCache (write-through fills Redis); a near+redis twin if the option exists."""
     from tiered_cache import TieredCache, migrate
@@ -204,7 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=200, help="rounds (each runs every path and its floor)")
     p.add_argument("--batch", type=int, default=200, help="calls per path per round (get_many: a tenth)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--redis-url", help="a Redis, redis+cluster:// or redis+sentinel:// URL (default: a throwaway server)")
     args = p.parse_args(argv)
+    if args.redis_url:
+        import os
+
+        os.environ["TIERED_CACHE_REDIS_URL"] = args.redis_url
     from tiered_cache.testing import embedded_servers
 
     with embedded_servers() as (dsn, url):

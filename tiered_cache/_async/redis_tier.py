@@ -49,7 +49,6 @@ from ..policy.breaker import CLOSED, OPEN, CircuitBreaker
 from ..policy.entries import expires_at_ms
 from ..policy.failures import SATURATED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
-from ..tiers._redis_cluster import by_slot
 from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
 from ..tiers.lua_scripts import FILL_SCRIPT
 from .lua import evalsha, run_pipeline, send
@@ -249,21 +248,11 @@ class AsyncRedisTier(AsyncRedisWrites):
         return raw
 
     async def _mget_slots(self, keys: list[str], probe: bool) -> list[Any]:
-        """MGET on a cluster: one MGET per slot, in one pipeline (one round trip per node), the probe alongside."""
-        groups = list(by_slot(keys).values())
-        commands: list[Any] = [("MGET", tuple(keys[i] for i in group)) for group in groups]
+        """MGET on a cluster: redis-py's per-slot MGETs, one pipeline per node (one round trip each, in parallel);
+        the write probe, when due, first (a refusal raises before the read is trusted)."""
         if probe and self._refusal.due(_monotonic()):
-            commands.append(("DEL", (self.keys.probe,)))
-        results = await send(self.client, commands)
-        if len(results) > len(groups) and isinstance(results[-1], Exception) and classify(results[-1]).refusing:
-            raise results[-1]
-        raws: list[Any] = [None] * len(keys)
-        for group, got in zip(groups, results):
-            if isinstance(got, Exception):
-                raise got
-            for i, raw in zip(group, got):
-                raws[i] = raw
-        return raws
+            await self.client.execute_command("DEL", self.keys.probe)
+        return await self.client.mget_nonatomic(keys)  # type: ignore[no-any-return]
 
     async def get_raws(self, keys: list[str]) -> Any:
         """MGET of many entries: a list of encoded entry or MISS per key, or DOWN."""
