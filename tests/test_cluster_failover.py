@@ -129,3 +129,44 @@ def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_cluster:
         assert len(log["writes"]) > 0 and len(log["reads"]) > 0
     finally:
         cache.close()
+
+
+def test_a_slot_migrated_in_the_middle_of_a_run(api: str, redis_cluster: Any, dsn: str,
+                                                figure: Callable[[str], None]) -> None:
+    keys = [f"mv-{i}" for i in range(24)]
+    plan = Plan(dsn, redis_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=5)
+    cache = connect_cache(api, dsn, redis_cluster.url)
+    try:
+        client = target(cache.redis).client
+        entry = cache.keys.entry(CT, SITE, keys[0])
+        slot = client.keyslot(entry)
+        source = client.get_node_from_key(entry)
+        goal = next(n for n in client.get_primaries() if n.port != source.port)
+        start = time.monotonic() + 0.2
+        stop = start + 8.0
+        moved: list[float] = []
+
+        def chaos() -> None:
+            time.sleep(max(0.0, start + 2.0 - time.monotonic()))
+            t0 = time.monotonic()
+            redis_cluster.migrate_slot(slot, goal, pause_hook=lambda: time.sleep(0.3))
+            moved.append(time.monotonic() - t0)
+
+        chaos_thread = threading.Thread(target=chaos, daemon=True)
+        chaos_thread.start()
+        log = run_threads(cache, plan, start, stop)
+        chaos_thread.join(60)
+        assert moved, "the slot was not migrated"
+        owners = {s0: int(s[2][1]) for s in redis.Redis(port=goal.port).execute_command("CLUSTER", "SLOTS")
+                  for s0 in range(s[0], s[1] + 1) if s0 == slot}
+        assert owners == {slot: goal.port}, "the slot now lives on its new primary"
+        verdict = judge(dsn, [log])
+        tier = target(cache.redis)
+        figure(f"\nslot {slot} migrated {source.port} -> {goal.port} mid-run ({api}): took {moved[0] * 1000:.0f} ms; "
+               f"{len(log['writes'])} writes, {len(log['reads'])} reads, {len(verdict.stale)} stale, "
+               f"{len(log['read_errors']) + len(log['write_errors'])} errors; redis errors {tier.stats.errors}")
+        assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
+        assert not log["read_errors"] and not log["write_errors"], (log["read_errors"][:3], log["write_errors"][:3])
+        assert lost_writes(dsn, [w[3] for w in log["writes"]]) == 0
+    finally:
+        cache.close()
