@@ -16,6 +16,7 @@ import redis.asyncio.connection as aconnection
 import redis.connection as sconnection
 
 from _apis import connect_cache, target
+from tiered_cache._sync.client import redis_client
 from tiered_cache.errors import ConfigurationError
 from tiered_cache.tiers._redis_cluster import parse
 
@@ -134,3 +135,28 @@ def test_bad_deployment_urls_name_the_problem(url: str) -> None:
 
 def test_plain_urls_are_not_deployments() -> None:
     assert parse("redis://localhost:6379/0") is None and parse("unix:///tmp/r.sock") is None
+
+
+def test_the_relay_kills_what_etl_changed_on_every_shard(api: str, redis_cluster: Any, dsn: str) -> None:
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from _util import wait_until
+
+    cache = connect_cache(api, dsn, redis_cluster.url, relay=True)
+    try:
+        targets = [f"etl-{i}" for i in range(30)]
+        for t in targets:
+            cache.write_cache(CT, SITE, t, {"v": 1})
+        assert all(cache.get_latest(CT, SITE, t)["result_json"] == {"v": 1} for t in targets)
+        client = redis_client(redis_cluster.url, timeout=1.0)  # a sync look at the cluster, whatever the API
+        shards = {client.get_node_from_key(cache.keys.entry(CT, SITE, t)).port for t in targets}
+        assert len(shards) == 3
+        with psycopg.connect(dsn, autocommit=True) as conn:  # an ETL job, straight into the table
+            conn.execute("UPDATE biz.ai_cache SET result_json = %s WHERE site_id = %s", (Jsonb({"v": 2}), SITE))
+        wait_until(lambda: all(client.get(cache.keys.entry(CT, SITE, t)) is None for t in targets), 10, 0.01,
+                   "the relay killed every entry")
+        assert all(cache.get_latest(CT, SITE, t)["result_json"] == {"v": 2} for t in targets)
+        client.close()
+    finally:
+        cache.close()
