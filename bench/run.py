@@ -401,6 +401,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="measure how cost grows with the table instead (bench/scale.py: --scale --help)")
     p.add_argument("--async", dest="async_", action="store_true",
                    help="run the async hit-path bench instead (bench/amicro.py; its flags follow: --async --help)")
+    p.add_argument("--cluster", action="store_true",
+                   help="the hit path on one Redis and a local 3+3 cluster instead (bench/cluster.py: --cluster --help)")
     p.add_argument("--http", action="store_true",
                    help="run the FastAPI example under HTTP load instead (bench/http.py; its flags follow: --http --help)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results.json/.md and chart.png go")
@@ -430,6 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argv.remove("--async")
         return async_main(argv)
+    if "--cluster" in argv:  # the hit path on one Redis and on a local cluster, side by side
+        from .cluster import main as cluster_main
+
+        argv.remove("--cluster")
+        return cluster_main(argv)
     if "--http" in argv:  # so has the web workload
         from .http import main as http_main
 

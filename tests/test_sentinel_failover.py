@@ -98,7 +98,7 @@ def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_sentinel
         verdict = judge(dsn, [log])
         tier = target(cache.redis)
         figure(f"\nSentinel primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
-               f"{killed[0][1] * 1000:.0f} ms; {len(log['writes'])} writes, {len(log['reads'])} reads, "
+               f"{killed[0].window * 1000:.0f} ms; {len(log['writes'])} writes, {len(log['reads'])} reads, "
                f"{len(verdict.stale)} stale, {len(log['read_errors']) + len(log['write_errors'])} errors; "
                f"redis errors {tier.stats.errors}, breaker trips {tier.breaker.trips}")
         assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
