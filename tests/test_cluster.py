@@ -160,3 +160,13 @@ def test_the_relay_kills_what_etl_changed_on_every_shard(api: str, redis_cluster
         client.close()
     finally:
         cache.close()
+
+
+def test_the_cluster_bench_runs_on_a_given_cluster(redis_cluster: Any, tmp_path: Any,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cluster import main
+
+    assert main(["--rounds", "2", "--batch", "10", "--redis-url", redis_cluster.url, "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "cluster.md").read_text()
+    assert "get_many(50) (Redis hits)" in table and "given" in table
+    assert "get_many(50)" in capsys.readouterr().out
