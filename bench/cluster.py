@@ -63,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     from tiered_cache.testing import PostgresServer, RedisServer
-    from tiered_cache.testing.redis_cluster import RedisCluster
 
     results: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
@@ -71,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.redis_url:
             results["given"] = run_on(dsn, args.redis_url, args.rounds, args.batch)
         else:
+            from tiered_cache.testing.redis_cluster import RedisCluster
+
             results["one Redis"] = run_on(dsn, stack.enter_context(RedisServer()).url, args.rounds, args.batch)
             cluster = stack.enter_context(RedisCluster())
             results["cluster 3+3"] = run_on(dsn, cluster.url, args.rounds, args.batch)
