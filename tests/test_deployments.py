@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
 from tiered_cache.testing import _binaries, _process
-from tiered_cache.testing.redis_cluster import RedisCluster
+from tiered_cache.testing.redis_cluster import ClusterFailover, RedisCluster
 from tiered_cache.testing.redis_sentinel import RedisSentinel
 
 HOST = "127.0.0.1"
@@ -250,6 +250,7 @@ def test_deployment_runs_from_the_wheel_binary_and_leaves_no_process_or_dir(
         failover = deployment.kill_primary()
         assert failover.promoted is not None and failover.promoted is not failover.killed
         if isinstance(deployment, RedisCluster):
+            assert isinstance(failover, ClusterFailover)
             deployment.restart(failover.killed)
         else:
             deployment.restart_old_primary()

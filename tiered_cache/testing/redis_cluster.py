@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -297,8 +297,7 @@ class RedisCluster:
                 primary = self._by_id(primary_id)
                 if not is_primary and primary is not None and primary.running:
                     replica = self._by_id(node_id)
-                    assert replica is not None
-                    problem = replica_problem(primary.port, replica.port)
+                    problem = replica_problem(primary.port, replica.port) if replica is not None else None
                     if problem:
                         return problem
         except redis.RedisError as e:
@@ -410,8 +409,4 @@ class RedisCluster:
 
     def keys_in_slot(self, node: Node, slot: int) -> int:
         """How many keys of slot node holds (CLUSTER COUNTKEYSINSLOT), whoever serves the slot."""
-        return int(ask(node.port, "CLUSTER", "COUNTKEYSINSLOT", slot))  # type: ignore[call-overload]
-
-    def pids(self) -> Iterator[int]:
-        """PIDs of the running nodes."""
-        return (n.pid for n in self.nodes if n.pid is not None)
+        return int(str(ask(node.port, "CLUSTER", "COUNTKEYSINSLOT", slot)))

@@ -156,7 +156,7 @@ class RedisSentinel:
             client = admin(s.port)
             try:
                 addr = client.sentinel_get_master_addr_by_name(self.master_name)
-                found.append((str(addr[0]), int(addr[1])) if addr else None)
+                found.append((str(addr[0]), int(addr[1])) if isinstance(addr, (tuple, list)) and addr else None)
             except redis.RedisError:
                 found.append(None)
             finally:
@@ -173,7 +173,10 @@ class RedisSentinel:
     def primary_server(self) -> RedisServer:
         """The data server at the address the sentinels report."""
         port = self.primary()[1]
-        return next(s for s in self.servers if s.port == port)
+        for server in self.servers:
+            if server.port == port:
+                return server
+        raise RuntimeError(f"the sentinels report a primary on port {port}, which is none of {self!r}")
 
     def replicas(self) -> list[RedisServer]:
         """The running data servers other than the reported primary."""
@@ -194,9 +197,10 @@ class RedisSentinel:
     def _served_problem(self, not_port: int | None = None) -> str | None:
         """Why every sentinel does not report one live master (other than not_port)."""
         reported = set(self._reported())
-        if len(reported) != 1 or None in reported:
-            return f"sentinels report {sorted(reported, key=str)}"
-        port = next(iter(reported))[1]  # type: ignore[index]
+        addr = reported.pop() if len(reported) == 1 else None
+        if addr is None:
+            return f"sentinels report {sorted(reported, key=str) or 'no primary'}"
+        port = addr[1]
         if port == not_port:
             return f"sentinels still report the killed primary {port}"
         server = next((s for s in self.servers if s.port == port), None)
@@ -227,6 +231,8 @@ class RedisSentinel:
                 return f"sentinel {s.port} did not answer: {e}"
             finally:
                 client.close()
+            if not isinstance(state, dict) or not isinstance(seen, list):
+                return f"sentinel {s.port} gave no state for {self.master_name}"
             if state["flags"] != "master" or state["num-other-sentinels"] != self.sentinel_count - 1:
                 return f"sentinel {s.port} sees the master as {state['flags']} with " \
                        f"{state['num-other-sentinels']} other sentinels"
