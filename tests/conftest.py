@@ -12,6 +12,8 @@ import redis
 from tiered_cache import PostgresStore, TieredCache, migrate
 from tiered_cache.testing import PostgresServer, RedisServer, empty_tables
 
+pytest_plugins = ["_deployments"]  # the local Redis Cluster and Sentinel deployments (tests/_deployments.py)
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:

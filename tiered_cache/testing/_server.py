@@ -46,7 +46,7 @@ class _Server:
     def __init__(self, port: int | None, user: pwd.struct_passwd | None) -> None:
         self._user = user
         self._port_fixed = port is not None
-        self.port: int = port if port is not None else free_port()
+        self.port: int = port if port is not None else self._free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._closed = False
@@ -87,9 +87,13 @@ class _Server:
                 except _PortInUse:
                     if attempt == attempts - 1:
                         raise RuntimeError(self._failure(f"port {self.port} is already in use")) from None
-                    self.port = free_port()  # lost a race for the port we picked: pick another
+                    self.port = self._free_port()  # lost a race for the port we picked: pick another
             self._started_once = True
             return self
+
+    def _free_port(self) -> int:
+        """A port to listen on when none was given (a server that needs more than one port overrides this)."""
+        return free_port()
 
     def _start_once(self) -> None:
         """One attempt to launch the server and wait for readiness (raises _PortInUse on a port clash)."""
