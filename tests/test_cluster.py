@@ -43,9 +43,9 @@ def sends(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[tuple[str, int]]]
     yield counted
 
 
-def test_get_many_of_50_hits_costs_one_round_trip_per_primary(api: str, redis_cluster: Any, dsn: str,
+def test_get_many_of_50_hits_costs_one_round_trip_per_primary(api: str, clean_cluster: Any, dsn: str,
                                                               sends: Counter[tuple[str, int]]) -> None:
-    cache = connect_cache(api, dsn, redis_cluster.url)
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         targets = [f"board-{i}" for i in range(50)]
         for t in targets:
@@ -65,9 +65,9 @@ def test_get_many_of_50_hits_costs_one_round_trip_per_primary(api: str, redis_cl
         cache.close()
 
 
-def test_keys_of_one_cache_key_share_a_slot_and_scripts_stay_within_it(api: str, redis_cluster: Any,
+def test_keys_of_one_cache_key_share_a_slot_and_scripts_stay_within_it(api: str, clean_cluster: Any,
                                                                        dsn: str) -> None:
-    cache = connect_cache(api, dsn, redis_cluster.url)
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         client = target(cache.redis).client
         ks = cache.keys.keyset(CT, SITE, "one")
@@ -81,8 +81,8 @@ def test_keys_of_one_cache_key_share_a_slot_and_scripts_stay_within_it(api: str,
         cache.close()
 
 
-def test_flush_namespace_empties_every_primary(api: str, redis_cluster: Any, dsn: str) -> None:
-    cache = connect_cache(api, dsn, redis_cluster.url)
+def test_flush_namespace_empties_every_primary(api: str, clean_cluster: Any, dsn: str) -> None:
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         for i in range(60):
             cache.write_cache(CT, SITE, f"f-{i}", {"i": i})
@@ -97,9 +97,9 @@ def test_flush_namespace_empties_every_primary(api: str, redis_cluster: Any, dsn
         cache.close()
 
 
-def test_invalidate_site_and_a_second_process_view_on_a_cluster(api: str, redis_cluster: Any, dsn: str) -> None:
-    one = connect_cache(api, dsn, redis_cluster.url, near_max_entries=1000)
-    two = connect_cache(api, dsn, redis_cluster.url)
+def test_invalidate_site_and_a_second_process_view_on_a_cluster(api: str, clean_cluster: Any, dsn: str) -> None:
+    one = connect_cache(api, dsn, clean_cluster.url, near_max_entries=1000)
+    two = connect_cache(api, dsn, clean_cluster.url)
     try:
         for i in range(10):
             one.write_cache(CT, SITE, f"s-{i}", {"i": i})
@@ -137,19 +137,19 @@ def test_plain_urls_are_not_deployments() -> None:
     assert parse("redis://localhost:6379/0") is None and parse("unix:///tmp/r.sock") is None
 
 
-def test_the_relay_kills_what_etl_changed_on_every_shard(api: str, redis_cluster: Any, dsn: str) -> None:
+def test_the_relay_kills_what_etl_changed_on_every_shard(api: str, clean_cluster: Any, dsn: str) -> None:
     import psycopg
     from psycopg.types.json import Jsonb
 
     from _util import wait_until
 
-    cache = connect_cache(api, dsn, redis_cluster.url, relay=True)
+    cache = connect_cache(api, dsn, clean_cluster.url, relay=True)
     try:
         targets = [f"etl-{i}" for i in range(30)]
         for t in targets:
             cache.write_cache(CT, SITE, t, {"v": 1})
         assert all(cache.get_latest(CT, SITE, t)["result_json"] == {"v": 1} for t in targets)
-        client = redis_client(redis_cluster.url, timeout=1.0)  # a sync look at the cluster, whatever the API
+        client = redis_client(clean_cluster.url, timeout=1.0)  # a sync look at the cluster, whatever the API
         shards = {client.get_node_from_key(cache.keys.entry(CT, SITE, t)).port for t in targets}
         assert len(shards) == 3
         with psycopg.connect(dsn, autocommit=True) as conn:  # an ETL job, straight into the table
@@ -162,11 +162,11 @@ def test_the_relay_kills_what_etl_changed_on_every_shard(api: str, redis_cluster
         cache.close()
 
 
-def test_the_cluster_bench_runs_on_a_given_cluster(redis_cluster: Any, tmp_path: Any,
+def test_the_cluster_bench_runs_on_a_given_cluster(clean_cluster: Any, tmp_path: Any,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from bench.cluster import main
 
-    assert main(["--rounds", "2", "--batch", "10", "--redis-url", redis_cluster.url, "--out", str(tmp_path)]) == 0
+    assert main(["--rounds", "2", "--batch", "10", "--redis-url", clean_cluster.url, "--out", str(tmp_path)]) == 0
     table = (tmp_path / "cluster.md").read_text()
     assert "get_many(50) (Redis hits)" in table and "given" in table
     assert "get_many(50)" in capsys.readouterr().out

@@ -59,8 +59,8 @@ def _promoted(replica: int, old: int) -> bool:
         return False
 
 
-def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, redis_cluster: Any, dsn: str) -> None:
-    cache = connect_cache(api, dsn, redis_cluster.url)
+def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, clean_cluster: Any, dsn: str) -> None:
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         cache.write_cache(CT, SITE, "fo", {"v": 1})
         assert cache.get_latest(CT, SITE, "fo")["result_json"] == {"v": 1}  # the entry is in Redis, replicated
@@ -97,11 +97,11 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, re
         cache.close()
 
 
-def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_cluster: Any, dsn: str,
+def test_a_primary_killed_under_4_writers_and_8_readers(api: str, clean_cluster: Any, dsn: str,
                                                         figure: Callable[[str], None]) -> None:
     keys = [f"fo-{i}" for i in range(24)]  # spread over the three shards
-    plan = Plan(dsn, redis_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=3)
-    cache = connect_cache(api, dsn, redis_cluster.url)
+    plan = Plan(dsn, clean_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=3)
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         start = time.monotonic() + 0.2
         stop = start + 8.0
@@ -109,7 +109,7 @@ def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_cluster:
 
         def chaos() -> None:
             time.sleep(max(0.0, start + 2.0 - time.monotonic()))
-            killed.append(redis_cluster.kill_primary(cache.keys.entry(CT, SITE, keys[0])))
+            killed.append(clean_cluster.kill_primary(cache.keys.entry(CT, SITE, keys[0])))
 
         chaos_thread = threading.Thread(target=chaos, daemon=True)
         chaos_thread.start()
@@ -130,17 +130,17 @@ def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_cluster:
         cache.close()
 
 
-def test_a_slot_migrated_in_the_middle_of_a_run(api: str, redis_cluster: Any, dsn: str,
+def test_a_slot_migrated_in_the_middle_of_a_run(api: str, clean_cluster: Any, dsn: str,
                                                 figure: Callable[[str], None]) -> None:
     keys = [f"mv-{i}" for i in range(24)]
-    plan = Plan(dsn, redis_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=5)
-    cache = connect_cache(api, dsn, redis_cluster.url)
+    plan = Plan(dsn, clean_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=5)
+    cache = connect_cache(api, dsn, clean_cluster.url)
     try:
         client = target(cache.redis).client
         entry = cache.keys.entry(CT, SITE, keys[0])
         slot = client.keyslot(entry)
-        source = redis_cluster.primary_for(entry)
-        goal = next(n for n in redis_cluster.primaries() if n is not source)
+        source = clean_cluster.primary_for(entry)
+        goal = next(n for n in clean_cluster.primaries() if n is not source)
         start = time.monotonic() + 0.2
         stop = start + 8.0
         moved: list[float] = []
@@ -148,7 +148,7 @@ def test_a_slot_migrated_in_the_middle_of_a_run(api: str, redis_cluster: Any, ds
         def chaos() -> None:
             time.sleep(max(0.0, start + 2.0 - time.monotonic()))
             t0 = time.monotonic()
-            redis_cluster.migrate_slot(slot, goal, pause_hook=lambda moved: time.sleep(0.3), batch=1)
+            clean_cluster.migrate_slot(slot, goal, pause_hook=lambda moved: time.sleep(0.3), batch=1)
             moved.append(time.monotonic() - t0)
 
         chaos_thread = threading.Thread(target=chaos, daemon=True)

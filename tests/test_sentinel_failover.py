@@ -37,13 +37,13 @@ def _promoted(sentinel: Any, old: tuple[str, int]) -> tuple[str, int] | None:
     return None
 
 
-def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, redis_sentinel: Any, dsn: str) -> None:
-    cache = connect_cache(api, dsn, redis_sentinel.url)
+def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, clean_sentinel: Any, dsn: str) -> None:
+    cache = connect_cache(api, dsn, clean_sentinel.url)
     try:
         cache.write_cache(CT, SITE, "fo", {"v": 1})
         assert cache.get_latest(CT, SITE, "fo")["result_json"] == {"v": 1}
         entry = cache.keys.entry(CT, SITE, "fo")
-        old = redis_sentinel.primary()
+        old = clean_sentinel.primary()
         primary = redis.Redis(port=int(old[1]), socket_timeout=2)
         replica_port = int(primary.info("replication")["slave0"]["port"])
         replica = redis.Redis(port=replica_port, socket_timeout=2)
@@ -58,7 +58,7 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, re
             os.kill(primary.info("server")["process_id"], signal.SIGKILL)
         finally:
             os.kill(replica_pid, signal.SIGCONT)
-        wait_until(lambda: (_promoted(redis_sentinel, old) or ("", 0))[1] == replica_port, 60, 0.05,
+        wait_until(lambda: (_promoted(clean_sentinel, old) or ("", 0))[1] == replica_port, 60, 0.05,
                    "the sentinels promoted the replica")
         assert replica.get(entry) == before  # the new primary has the entry the invalidate killed on the old one
         tier = target(cache.redis)
@@ -76,11 +76,11 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, re
         cache.close()
 
 
-def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_sentinel: Any, dsn: str,
+def test_a_primary_killed_under_4_writers_and_8_readers(api: str, clean_sentinel: Any, dsn: str,
                                                         figure: Callable[[str], None]) -> None:
     keys = [f"fo-{i}" for i in range(24)]
-    plan = Plan(dsn, redis_sentinel.url, keys, api, writers=4, readers=8, invalidators=1, seed=4)
-    cache = connect_cache(api, dsn, redis_sentinel.url)
+    plan = Plan(dsn, clean_sentinel.url, keys, api, writers=4, readers=8, invalidators=1, seed=4)
+    cache = connect_cache(api, dsn, clean_sentinel.url)
     try:
         start = time.monotonic() + 0.2
         stop = start + 10.0
@@ -88,7 +88,7 @@ def test_a_primary_killed_under_4_writers_and_8_readers(api: str, redis_sentinel
 
         def chaos() -> None:
             time.sleep(max(0.0, start + 2.0 - time.monotonic()))
-            killed.append(redis_sentinel.kill_primary())
+            killed.append(clean_sentinel.kill_primary())
 
         chaos_thread = threading.Thread(target=chaos, daemon=True)
         chaos_thread.start()

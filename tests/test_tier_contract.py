@@ -71,7 +71,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     tiers: list[Any] = []
     kind = request.param.removesuffix("-async")
     if kind in ("cluster", "sentinel"):
-        url = request.getfixturevalue(f"redis_{kind}").url
+        url = request.getfixturevalue(f"clean_{kind}").url
 
         def new_client() -> redis.Redis:  # the library's own client for the URL: watched, bounded
             opened.append(redis_client(url, timeout=1.0))
