@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+import redis.asyncio as _aioredis
 import redis.asyncio.cluster as _acluster
 import redis.asyncio.sentinel as _asentinel
 import redis.cluster as _cluster
@@ -100,6 +101,11 @@ def single_connection(client: Any) -> tuple[type, dict[str, Any]]:
     return cls, kwargs
 
 
+def _is_tls(cls: Any) -> bool:
+    """A TLS connection class, of either API (redis-py's or a subclass of ours)."""
+    return isinstance(cls, type) and issubclass(cls, (redis.SSLConnection, _aioredis.SSLConnection))
+
+
 def sync_client(client: Any, *, max_connections: int, connect_func: Callable[..., Any] | None = None,
                 blocking: bool = True, timeout: float | None = None) -> Any:
     """A new sync client on the deployment `client` reaches: same server(s), credentials and timeouts, its own pool.
@@ -116,12 +122,16 @@ def sync_client(client: Any, *, max_connections: int, connect_func: Callable[...
         from .tiers._redis_cluster import cluster_client
 
         return cluster_client(_nodes(client), portable, max_connections=max_connections, connect_func=connect_func,
-                              ssl=kwargs.get("connection_class", redis.Connection).__name__ == "SSLConnection")
+                              ssl=_is_tls(kwargs.get("connection_class")))
     if kind == SENTINEL:
         pool = _sentinel_pool(client)
-        sentinel_kwargs = {k: v for k, v in portable.items() if k.startswith("socket_")}
+        given = dict(pool.sentinel_manager.sentinel_kwargs)  # the sentinels' own credentials and timeouts
+        sentinel_kwargs = {k: given[k] for k in ("username", "password") if given.get(k) is not None}
+        sentinel_kwargs.update({k: v for k, v in portable.items() if k.startswith("socket_")}, retry=Retry(NoBackoff(), 0))
         manager = _sentinel.Sentinel(_sentinels(pool), sentinel_kwargs=sentinel_kwargs)
-        extra = {"redis_connect_func": connect_func} if connect_func is not None else {}
+        extra: dict[str, Any] = {"redis_connect_func": connect_func} if connect_func is not None else {}
+        if _is_tls(pool.connection_class):
+            extra["connection_class"] = _sentinel.SentinelManagedSSLConnection
         return manager.master_for(pool.service_name, max_connections=max_connections, retry=Retry(NoBackoff(), 0),
                                   db=pool.connection_kwargs.get("db", 0), **portable, **extra)
     cls, kw = single_connection(client)

@@ -116,8 +116,9 @@ class WakeBus:
     def _run(self) -> None:
         backoff = 0.05
         while not self._idle():
-            client = sync_client(self._source, max_connections=1, blocking=False, timeout=2.0)
+            client = None
             try:
+                client = sync_client(self._source, max_connections=1, blocking=False, timeout=2.0)  # a cluster connects here
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.channel)
                 backoff = 0.05
@@ -141,7 +142,8 @@ class WakeBus:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                close_sync(client)
+                if client is not None:
+                    close_sync(client)
 
     def _after_fork_in_child(self) -> None:
         """A forked child has no thread: it starts its own bus on first use (see bus_for)."""

@@ -36,7 +36,8 @@ def async_redis_client(url: str, *, timeout: float = 0.05, max_connections: int 
     # a restarted (or failed-over) Redis is emptied of our keys before it serves us
     watch = acallback(AsyncRunWatch())
     if topology is not None:  # Sentinel: the primary's address is asked of the sentinels on every new connection
-        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **topology.options}
+        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0),
+                           **topology.options}  # redis-py's default: 10 retries with backoff, seconds per call
         sentinel_kwargs.pop("client_name", None)
         manager = aioredis.Sentinel(topology.nodes, sentinel_kwargs=sentinel_kwargs)
         if topology.ssl:

@@ -185,6 +185,8 @@ class AsyncRedisTier(AsyncRedisWrites):
         kind = classify(exc)
         self.stats.errors += 1
         if kind.outage:
+            if self.cluster and hasattr(self.client, "_initialize"):
+                self.client._initialize = True  # redis.asyncio re-reads the slot map on the next call (pipelines never do)
             self.breaker.failure()
             if self.breaker.state == OPEN and self._breaker_open.begin():
                 observe.breaker_opened(self.keys.namespace, self.breaker.failures)

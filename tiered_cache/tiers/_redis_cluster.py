@@ -85,15 +85,21 @@ def _bounded(timeout: float | None, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Redirects (MOVED/ASK) and TRYAGAIN waits one call may follow; redis-py's 16 let one call sleep ~0.4 s.
+REDIRECTS = 4
+
+
 def cluster_client(nodes: Iterable[tuple[str, int]], options: dict[str, Any], *, max_connections: int,
                    connect_func: Callable[..., Any] | None, ssl: bool = False, timeout: float | None = None) -> Any:
     """A sync RedisCluster: redirects followed, no other retry; connect_func runs after redis-py's handshake."""
     kwargs = _bounded(timeout, options)
     if connect_func is not None:
         kwargs["redis_connect_func"] = getattr(connect_func, "check", connect_func)  # redis-py did on_connect
-    return redis.cluster.RedisCluster(
+    client = redis.cluster.RedisCluster(
         startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes], retry=Retry(NoBackoff(), 0),
         max_connections=max_connections, ssl=ssl, health_check_interval=0, **kwargs)
+    client.RedisClusterRequestTTL = REDIRECTS
+    return client
 
 
 class _GuardedSend:
@@ -125,6 +131,7 @@ def acluster_client(nodes: Iterable[tuple[str, int]], options: dict[str, Any], *
         startup_nodes=[aioredis.cluster.ClusterNode(h, p, connection_class=connection_class, **kwargs)
                        for h, p in nodes],
         retry=ARetry(NoBackoff(), 0), max_connections=max_connections, ssl=ssl, health_check_interval=0, **kwargs)
+    client.RedisClusterRequestTTL = REDIRECTS
     client.nodes_manager.connection_kwargs["connection_class"] = connection_class  # every node made later
     if connect_func is not None:
         # redis.asyncio's cluster takes no redis_connect_func: every node it makes uses these kwargs.
