@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,9 @@ import redis
 from _apis import connect_cache, target
 from _util import wait_until
 from tiered_cache._deployment import watch_of
-from test_faults import Plan, judge, lost_writes, run_threads
+from _failover import reads_until_redis_answers, run_with_fault
+from redis.crc import key_slot
+from tiered_cache.policy.keys import KeySpace
 
 CT, SITE = "app3_clue", 11
 
@@ -81,15 +82,7 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, cl
         wait_until(lambda: _promoted(replica, primary), 30, 0.05, "the replica was promoted")
         # The scenario holds: the new primary has the entry the invalidate killed on the old one.
         assert _raw_get(replica, entry) == before
-        tier = target(cache.redis)
-        answered = tier.stats.hits + tier.stats.misses
-        reads: list[Any] = []
-
-        def redis_answers_again() -> bool:  # until Redis itself answered 20 reads (not PostgreSQL, breaker open)
-            reads.append(cache.get_latest(CT, SITE, "fo"))
-            return tier.stats.hits + tier.stats.misses >= answered + 20
-
-        wait_until(redis_answers_again, 30, 0.01, "reads served by Redis again")
+        reads = reads_until_redis_answers(cache, SITE, "fo")
         assert reads == [None] * len(reads), f"a promoted replica served an invalidated row: {reads[:3]}"
         watch = watch_of(target(cache.redis).client)
         assert watch.failovers >= 1, (watch.nodes, watch.replids, watch.restarts)
@@ -100,72 +93,27 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, cl
 def test_a_primary_killed_under_4_writers_and_8_readers(api: str, clean_cluster: Any, dsn: str,
                                                         figure: Callable[[str], None]) -> None:
     keys = [f"fo-{i}" for i in range(24)]  # spread over the three shards
-    plan = Plan(dsn, clean_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=3)
-    cache = connect_cache(api, dsn, clean_cluster.url)
-    try:
-        start = time.monotonic() + 0.2
-        stop = start + 8.0
-        killed: list[Any] = []
-
-        def chaos() -> None:
-            time.sleep(max(0.0, start + 2.0 - time.monotonic()))
-            killed.append(clean_cluster.kill_primary(cache.keys.entry(CT, SITE, keys[0])))
-
-        chaos_thread = threading.Thread(target=chaos, daemon=True)
-        chaos_thread.start()
-        log = run_threads(cache, plan, start, stop)
-        chaos_thread.join(60)
-        assert killed, "the primary was not killed"
-        verdict = judge(dsn, [log])
-        redis_stats = target(cache.redis).stats
-        figure(f"\ncluster primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
-               f"{killed[0].window * 1000:.0f} ms; {len(log['writes'])} writes, {len(log['reads'])} reads, "
-               f"{len(verdict.stale)} stale, {len(log['read_errors']) + len(log['write_errors'])} errors; "
-               f"redis errors {redis_stats.errors}, breaker trips {target(cache.redis).breaker.trips}")
-        assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
-        assert not log["read_errors"] and not log["write_errors"], (log["read_errors"][:3], log["write_errors"][:3])
-        assert lost_writes(dsn, [w[3] for w in log["writes"]]) == 0
-        assert len(log["writes"]) > 0 and len(log["reads"]) > 0
-    finally:
-        cache.close()
+    failover, line = run_with_fault(api, dsn, clean_cluster.url, keys, 3,
+                                    lambda cache: clean_cluster.kill_primary(cache.keys.entry(CT, SITE, keys[0])))
+    figure(f"\ncluster primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
+           f"{failover.window * 1000:.0f} ms; {line}")
 
 
 def test_a_slot_migrated_in_the_middle_of_a_run(api: str, clean_cluster: Any, dsn: str,
                                                 figure: Callable[[str], None]) -> None:
     keys = [f"mv-{i}" for i in range(24)]
-    plan = Plan(dsn, clean_cluster.url, keys, api, writers=4, readers=8, invalidators=1, seed=5)
-    cache = connect_cache(api, dsn, clean_cluster.url)
-    try:
-        client = target(cache.redis).client
-        entry = cache.keys.entry(CT, SITE, keys[0])
-        slot = client.keyslot(entry)
-        source = clean_cluster.primary_for(entry)
-        goal = next(n for n in clean_cluster.primaries() if n is not source)
-        start = time.monotonic() + 0.2
-        stop = start + 8.0
-        moved: list[float] = []
+    entry = KeySpace().entry(CT, SITE, keys[0])
+    slot = key_slot(entry.encode())
+    source = clean_cluster.primary_for(entry)
+    goal = next(n for n in clean_cluster.primaries() if n is not source)
 
-        def chaos() -> None:
-            time.sleep(max(0.0, start + 2.0 - time.monotonic()))
-            t0 = time.monotonic()
-            clean_cluster.migrate_slot(slot, goal, pause_hook=lambda moved: time.sleep(0.3), batch=1)
-            moved.append(time.monotonic() - t0)
+    def migrate(cache: Any) -> float:
+        t0 = time.monotonic()
+        clean_cluster.migrate_slot(slot, goal, pause_hook=lambda moved: time.sleep(0.3), batch=1)
+        return time.monotonic() - t0
 
-        chaos_thread = threading.Thread(target=chaos, daemon=True)
-        chaos_thread.start()
-        log = run_threads(cache, plan, start, stop)
-        chaos_thread.join(60)
-        assert moved, "the slot was not migrated"
-        owners = {s0: int(s[2][1]) for s in redis.Redis(port=goal.port).execute_command("CLUSTER", "SLOTS")
-                  for s0 in range(s[0], s[1] + 1) if s0 == slot}
-        assert owners == {slot: goal.port}, "the slot now lives on its new primary"
-        verdict = judge(dsn, [log])
-        tier = target(cache.redis)
-        figure(f"\nslot {slot} migrated {source.port} -> {goal.port} mid-run ({api}): took {moved[0] * 1000:.0f} ms; "
-               f"{len(log['writes'])} writes, {len(log['reads'])} reads, {len(verdict.stale)} stale, "
-               f"{len(log['read_errors']) + len(log['write_errors'])} errors; redis errors {tier.stats.errors}")
-        assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
-        assert not log["read_errors"] and not log["write_errors"], (log["read_errors"][:3], log["write_errors"][:3])
-        assert lost_writes(dsn, [w[3] for w in log["writes"]]) == 0
-    finally:
-        cache.close()
+    took, line = run_with_fault(api, dsn, clean_cluster.url, keys, 5, migrate)
+    owners = {s0: int(s[2][1]) for s in redis.Redis(port=goal.port).execute_command("CLUSTER", "SLOTS")
+              for s0 in range(s[0], s[1] + 1) if s0 == slot}
+    assert owners == {slot: goal.port}, "the slot now lives on its new primary"
+    figure(f"\nslot {slot} migrated {source.port} -> {goal.port} mid-run ({api}): took {took * 1000:.0f} ms; {line}")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +17,7 @@ import redis
 
 from _apis import connect_cache, target
 from _util import wait_until
-from test_faults import Plan, judge, lost_writes, run_threads
+from _failover import reads_until_redis_answers, run_with_fault
 from tiered_cache._deployment import watch_of
 
 CT, SITE = "app3_clue", 13
@@ -61,17 +59,9 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, cl
         wait_until(lambda: (_promoted(clean_sentinel, old) or ("", 0))[1] == replica_port, 60, 0.05,
                    "the sentinels promoted the replica")
         assert replica.get(entry) == before  # the new primary has the entry the invalidate killed on the old one
-        tier = target(cache.redis)
-        answered = tier.stats.hits + tier.stats.misses
-        reads: list[Any] = []
-
-        def redis_answers_again() -> bool:  # until Redis itself answered 20 reads (not PostgreSQL, breaker open)
-            reads.append(cache.get_latest(CT, SITE, "fo"))
-            return tier.stats.hits + tier.stats.misses >= answered + 20
-
-        wait_until(redis_answers_again, 30, 0.01, "reads served by Redis again")
+        reads = reads_until_redis_answers(cache, SITE, "fo")
         assert reads == [None] * len(reads), f"a promoted replica served an invalidated row: {reads[:3]}"
-        assert watch_of(tier.client).restarts >= 1
+        assert watch_of(target(cache.redis).client).restarts >= 1
     finally:
         cache.close()
 
@@ -79,31 +69,7 @@ def test_a_promoted_replica_that_missed_a_kill_serves_nothing_stale(api: str, cl
 def test_a_primary_killed_under_4_writers_and_8_readers(api: str, clean_sentinel: Any, dsn: str,
                                                         figure: Callable[[str], None]) -> None:
     keys = [f"fo-{i}" for i in range(24)]
-    plan = Plan(dsn, clean_sentinel.url, keys, api, writers=4, readers=8, invalidators=1, seed=4)
-    cache = connect_cache(api, dsn, clean_sentinel.url)
-    try:
-        start = time.monotonic() + 0.2
-        stop = start + 10.0
-        killed: list[Any] = []
-
-        def chaos() -> None:
-            time.sleep(max(0.0, start + 2.0 - time.monotonic()))
-            killed.append(clean_sentinel.kill_primary())
-
-        chaos_thread = threading.Thread(target=chaos, daemon=True)
-        chaos_thread.start()
-        log = run_threads(cache, plan, start, stop)
-        chaos_thread.join(60)
-        assert killed, "the primary was not killed"
-        verdict = judge(dsn, [log])
-        tier = target(cache.redis)
-        figure(f"\nSentinel primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
-               f"{killed[0].window * 1000:.0f} ms; {len(log['writes'])} writes, {len(log['reads'])} reads, "
-               f"{len(verdict.stale)} stale, {len(log['read_errors']) + len(log['write_errors'])} errors; "
-               f"redis errors {tier.stats.errors}, breaker trips {tier.breaker.trips}")
-        assert not verdict.stale, f"stale reads after a write returned: {verdict.stale[:3]}"
-        assert not log["read_errors"] and not log["write_errors"], (log["read_errors"][:3], log["write_errors"][:3])
-        assert lost_writes(dsn, [w[3] for w in log["writes"]]) == 0
-        assert tier.stats.hits > 0
-    finally:
-        cache.close()
+    failover, line = run_with_fault(api, dsn, clean_sentinel.url, keys, 4, lambda cache: clean_sentinel.kill_primary(),
+                                    seconds=10.0)
+    figure(f"\nSentinel primary SIGKILLed under 4 writers + 8 readers ({api}): failover window "
+           f"{failover.window * 1000:.0f} ms; {line}")
