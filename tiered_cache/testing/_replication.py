@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -70,3 +73,30 @@ def wait_until(problem: Callable[[], str | None], what: str, timeout: float = RE
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"{what}: not done after {timeout:.0f} s: {last}")
         time.sleep(POLL * 5)
+
+
+class Deployment:
+    """start() / stop() of a set of servers, torn down by PID; as a context manager, a serving deployment."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def _take_servers(self) -> list[Any]:
+        """Every server of the deployment, forgotten by it (start() makes new ones)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGKILL every server by PID, wait for each to exit, delete their temp dirs."""
+        servers = self._take_servers()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.kill()
+        for server in servers:
+            server.close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -14,14 +14,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Self
 
 import redis
 from redis.crc import key_slot
 
 from ._process import free_port
-from ._replication import HOST, REPLICATION_ARGS, ask, replica_problem, wait_until
+from ._replication import HOST, Deployment, REPLICATION_ARGS, ask, replica_problem, wait_until
 from .redis import RedisServer
 
 SLOTS = 16384
@@ -136,7 +135,7 @@ class ClusterFailover:
     window: float | None = None
 
 
-class RedisCluster:
+class RedisCluster(Deployment):
     """A local Redis Cluster on free loopback ports: start(), fail over, migrate a slot, restart, stop()."""
 
     def __init__(self, *, primaries: int = 3, replicas_per_primary: int = 1, node_timeout_ms: int = 1000) -> None:
@@ -198,23 +197,9 @@ class RedisCluster:
             ask(node.port, "CLUSTER", "REPLICATE", primaries[i % len(primaries)].node_id)
         wait_until(self._full_problem, "cluster becoming healthy")
 
-    def stop(self) -> None:
-        """SIGKILL every node by PID, wait for each to exit, delete their temp dirs; start() makes a new cluster."""
+    def _take_servers(self) -> list[Node]:
         nodes, self.nodes = self.nodes, []
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                node.kill()
-        for node in nodes:
-            node.close()
-
-    def __enter__(self) -> Self:
-        """Start on entry so `with RedisCluster() as c:` yields a serving cluster."""
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        """Tear the cluster down."""
-        self.stop()
+        return nodes
 
     def __repr__(self) -> str:
         """Every node, for test failure output."""

@@ -8,17 +8,15 @@ file, so each one keeps it in its temp dir, owned by the user it runs as.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Self
 
 import redis
 
-from ._replication import HOST, REPLICATION_ARGS, admin, ask, replica_problem, wait_until
+from ._replication import HOST, Deployment, REPLICATION_ARGS, admin, ask, replica_problem, wait_until
 from .redis import RedisServer
 
 
@@ -63,7 +61,7 @@ class SentinelFailover:
     window: float | None = None
 
 
-class RedisSentinel:
+class RedisSentinel(Deployment):
     """A local Sentinel deployment on free loopback ports: start(), kill the primary, restart it, stop()."""
 
     def __init__(self, *, master_name: str = "mymaster", replicas: int = 1, sentinels: int = 3, quorum: int = 2,
@@ -125,24 +123,10 @@ class RedisSentinel:
         """redis-server arguments of a replica of the primary on primary_port."""
         return (*REPLICATION_ARGS, "--replicaof", HOST, str(primary_port))
 
-    def stop(self) -> None:
-        """SIGKILL every server and sentinel by PID, wait for each, delete their temp dirs."""
+    def _take_servers(self) -> list[RedisServer]:
         everything = [*self.sentinel_servers, *self.servers]
         self.servers, self.sentinel_servers = [], []
-        for server in everything:
-            with contextlib.suppress(Exception):
-                server.kill()
-        for server in everything:
-            server.close()
-
-    def __enter__(self) -> Self:
-        """Start on entry so `with RedisSentinel() as s:` yields a serving deployment."""
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        """Tear the deployment down."""
-        self.stop()
+        return everything
 
     def __repr__(self) -> str:
         """Every server and sentinel, for test failure output."""
