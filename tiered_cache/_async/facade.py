@@ -26,6 +26,7 @@ from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from .client import async_redis_client
+from . import regenerating
 from .generate import AsyncGenerations
 from .redis_tier import AsyncRedisTier
 from .store import AsyncPostgresStore
@@ -174,6 +175,13 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
             if near is not None:
                 near.put(entry, raw, expires_at_ms(row), epoch, started=started)
             return row, "redis", "hit"
+        return await self._latest_below(key, entry, raw, as_json, (epoch, started) if near is not None else None)
+
+    async def _latest_below(self, key: Key, entry: str, raw: Any, as_json: bool,
+                            near_at: tuple[Any, float] | None) -> tuple[Any, str, str]:
+        """Redis missed (MISS) or is skipped (DOWN): PostgreSQL's answer, filled upward (near_at: the near tier's
+        epoch and time, taken before Redis was asked)."""
+        near = self.near if near_at is not None else None
         ks = self.keys.keyset(*key) if raw is MISS else None
         token = await self.redis.lease(ks.lease) if ks is not None else None
         row = await self.store.get_latest(*key)
@@ -183,9 +191,35 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
             if token is not None:
                 await self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
             if near is not None and raw is not DOWN:
-                near.put(entry, value, expires_at_ms(row), epoch, started=started)
+                near.put(entry, value, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[index]
         answer = (None if row is None else value) if as_json else row
         return answer, "postgres", "miss" if raw is MISS else "bypass"
+
+    async def _latest_or_regenerating(self, key: Key, entry: str) -> tuple[tuple[Row | None, Row | None], str, str]:
+        """get_or_generate's read: get_latest, and in the same Redis round trip the key's regeneration marker.
+
+        ((row, None), ...) as get_latest would answer, or ((None, previous), ...) when no row is servable and a
+        generation under way left its previous result in Redis (see _async/regenerating.py): no PostgreSQL read.
+        """
+        near = self.near
+        near_at = None
+        if near is not None:
+            found = near.get(entry)
+            if found is not MISS and found is not None:  # a cached "no row" here: the marker is in Redis only
+                return (found, None), "near", "hit"
+            near_at = (near.epoch, near.timer())
+        raws = await regenerating.read(self.redis, self.keys.keyset(*key))
+        raw = raws if raws is DOWN else raws[0]
+        if raw is not MISS and raw is not DOWN:
+            row = decode(raw)
+            if near_at is not None:
+                near.put(entry, raw, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[union-attr]
+            if row is not None or raws[1] is MISS:
+                return (row, None), "redis", "hit"
+        if raw is not DOWN and raws[1] is not MISS:
+            return (None, decode(raws[1])), "redis", "hit"
+        row, tier, result = await self._latest_below(key, entry, raw, False, near_at)
+        return (row, None), tier, result
 
     async def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""

@@ -27,6 +27,7 @@ from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from .client import redis_client
+from . import regenerating
 from .generate import Generations
 from .redis_tier import RedisTier
 from .store import PostgresStore
@@ -175,6 +176,13 @@ class TieredCache(Generations, CacheWrites):
             if near is not None:
                 near.put(entry, raw, expires_at_ms(row), epoch, started=started)
             return row, "redis", "hit"
+        return self._latest_below(key, entry, raw, as_json, (epoch, started) if near is not None else None)
+
+    def _latest_below(self, key: Key, entry: str, raw: Any, as_json: bool,
+                            near_at: tuple[Any, float] | None) -> tuple[Any, str, str]:
+        """Redis missed (MISS) or is skipped (DOWN): PostgreSQL's answer, filled upward (near_at: the near tier's
+        epoch and time, taken before Redis was asked)."""
+        near = self.near if near_at is not None else None
         ks = self.keys.keyset(*key) if raw is MISS else None
         token = self.redis.lease(ks.lease) if ks is not None else None
         row = self.store.get_latest(*key)
@@ -184,9 +192,35 @@ class TieredCache(Generations, CacheWrites):
             if token is not None:
                 self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
             if near is not None and raw is not DOWN:
-                near.put(entry, value, expires_at_ms(row), epoch, started=started)
+                near.put(entry, value, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[index]
         answer = (None if row is None else value) if as_json else row
         return answer, "postgres", "miss" if raw is MISS else "bypass"
+
+    def _latest_or_regenerating(self, key: Key, entry: str) -> tuple[tuple[Row | None, Row | None], str, str]:
+        """get_or_generate's read: get_latest, and in the same Redis round trip the key's regeneration marker.
+
+        ((row, None), ...) as get_latest would answer, or ((None, previous), ...) when no row is servable and a
+        generation under way left its previous result in Redis (see _sync/regenerating.py): no PostgreSQL read.
+        """
+        near = self.near
+        near_at = None
+        if near is not None:
+            found = near.get(entry)
+            if found is not MISS and found is not None:  # a cached "no row" here: the marker is in Redis only
+                return (found, None), "near", "hit"
+            near_at = (near.epoch, near.timer())
+        raws = regenerating.read(self.redis, self.keys.keyset(*key))
+        raw = raws if raws is DOWN else raws[0]
+        if raw is not MISS and raw is not DOWN:
+            row = decode(raw)
+            if near_at is not None:
+                near.put(entry, raw, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[union-attr]
+            if row is not None or raws[1] is MISS:
+                return (row, None), "redis", "hit"
+        if raw is not DOWN and raws[1] is not MISS:
+            return (None, decode(raws[1])), "redis", "hit"
+        row, tier, result = self._latest_below(key, entry, raw, False, near_at)
+        return (row, None), tier, result
 
     def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""
