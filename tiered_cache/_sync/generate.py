@@ -25,8 +25,9 @@ from .._wakeups import Waiter, bus_for
 from ..contracts import Key, Row
 from ..errors import GenerationFailed, GenerationTimeout, InvalidInput
 from ..observe import tracing
-from ..policy.entries import encode_entry
+from ..policy.entries import decode, encode, encode_entry
 from . import regenerating
+from .flights import Flights
 from .leases import Leases, Grant
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Generations(_Base):
     def _init_generations(self) -> None:
         self.leases = Leases(self.store)
         self.generation_stats = GenerationStats()
-        self._peeks: dict[Key, _Flight] = {}
+        self._peeks = Flights()
 
     def get_or_generate(
         self,
@@ -113,9 +114,9 @@ class Generations(_Base):
                                           or not 0 < refresh_ahead < 1):
             raise InvalidInput("refresh_ahead", f"expected a fraction of the lifetime in (0, 1), got {refresh_ahead!r}")
         if self.metrics is None and not tracing():
-            row, previous = (self._latest_or_regenerating(key, entry))[0]
+            row, previous = (self._latest_or_regenerating(key, entry, begun))[0]
         else:
-            row, previous = self._observed("get_latest", self._latest_or_regenerating, key, entry)
+            row, previous = self._observed("get_latest", self._latest_or_regenerating, key, entry, begun)
         if row is not None and not _due(row, refresh_ahead, datetime.now(timezone.utc)):
             return row
         if row is None and previous is not None:  # a generation is under way and left the previous result in Redis
@@ -147,33 +148,15 @@ class Generations(_Base):
 
     def _peek(self, key: Key, begun: float) -> tuple[bool, Row | None]:
         """leases.peek, shared by callers of this object asking for the same key at once: a burst of joiners
-        costs PostgreSQL one probe per process, not one per caller. Only a probe sent after a caller began is
-        shared with it, so an invalidate that returned before the call cannot be missed."""
-        flights = self._peeks
-        flight = flights.get(key)
-        if flight is not None and flight.started >= begun:
-            if wait_event(flight.done, POLL) and flight.value is not None:
-                return flight.value
-            return self.leases.peek(key)  # the first caller failed or is slow: ask for ourselves
-        flight = flights[key] = _Flight(Event(), time.monotonic())
-        try:
-            flight.value = self.leases.peek(key)
-            return flight.value
-        finally:
-            if flights.get(key) is flight:
-                del flights[key]
-            flight.done.set()
+        costs PostgreSQL a probe or two per process, not one per caller. Only a probe sent after a caller began
+        is shared with it (see flights.py), so an invalidate that returned before the call cannot be missed."""
+        (busy, previous), _ = self._peeks.ask(key, begun, functools.partial(self._peek_encoded, key))
+        return busy, None if previous is None else decode(previous)
 
-
-class _Flight:
-    """One peek in flight, and its answer once done (None if it raised)."""
-
-    __slots__ = ("done", "started", "value")
-
-    def __init__(self, done: Any, started: float) -> None:
-        self.done = done
-        self.started = started
-        self.value: tuple[bool, Row | None] | None = None
+    def _peek_encoded(self, key: Key) -> tuple[bool, bytes | None]:
+        """One peek, its previous row encoded: each caller sharing it decodes a dict of its own."""
+        busy, previous = self.leases.peek(key)
+        return busy, None if previous is None else encode(previous)
 
 
 class _Call:
