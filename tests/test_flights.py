@@ -4,6 +4,7 @@ it was sent after they began; and get_latest's misses share PostgreSQL reads wit
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -332,3 +333,32 @@ def test_a_lease_granted_after_a_shared_read_was_sent_never_fills_that_read(cach
     raw = r.get(entry)
     assert raw is None or b'"new"' in raw
     assert cache.get_latest(CT, SITE, "k")["id"] == new_id
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_waits_for_a_request_its_parent_had_in_the_air() -> None:
+    """The thread that sent it does not exist in the child: the child asks on its own and gets an answer."""
+    server = Server()
+    flights = Flights()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        held = pool.submit(flights.ask, "k", time.monotonic(), server.sync)
+        server.wait_sent(1)
+        pid = os.fork()
+        if pid == 0:  # the child: leave with os._exit, never running the parent's cleanups
+            code = 1
+            try:
+                done = threading.Event()
+                threading.Thread(target=lambda: (flights.ask("k", time.monotonic(), lambda: 7), done.set()),
+                                 daemon=True).start()
+                code = 0 if done.wait(WAIT) else 2
+            finally:
+                os._exit(code)
+        try:
+            deadline = time.monotonic() + WAIT + 10
+            while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                assert time.monotonic() < deadline, "the child hung"
+                time.sleep(0.01)
+            assert os.waitstatus_to_exitcode(waited[1]) == 0
+        finally:
+            server.releases[0].set()
+        assert held.result(WAIT) == (1, True)

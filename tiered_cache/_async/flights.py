@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
+from .. import _fork
 from .._acompat import AEvent
 
 T = TypeVar("T")
@@ -41,6 +42,11 @@ class AsyncFlights:
 
     def __init__(self) -> None:
         self._flights: dict[Hashable, _Flight] = {}
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """Requests in the air at fork time belong to threads the child does not have: nobody would answer them."""
+        self._flights = {}
 
     def __len__(self) -> int:
         return len(self._flights)
