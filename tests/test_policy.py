@@ -292,7 +292,7 @@ def test_all_keys_of_a_keyset_share_one_hash_tag(ns: str, key: tuple[str, int, s
     assert tag == space.tag(*key).strip("{}")
     assert ks.entry == space.entry(*key)
     assert ks.entry == space.entry(*key)
-    assert len(set(ks.all)) == 5
+    assert len(set(ks.all)) == 6
 
 
 @given(TEXT)

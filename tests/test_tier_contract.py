@@ -352,17 +352,18 @@ def next_message(pubsub: Any) -> str:
 
 
 def seed_all_keys(tier: RedisTier, ks: KeySet) -> None:
-    """An entry (with writer txid), a history hash, a fill lease and a history lease."""
+    """An entry (with writer txid), a history hash, a fill lease, a history lease and a regeneration marker."""
     tier.write_through(ks, tier.lease_for_write(ks), row(1), "500")
     token = tier.lease(ks.history_lease)
     tier.fill_history(ks, token, 2, encode([row(1)]))  # type: ignore[arg-type]
     tier.lease(ks.lease)
     tier.lease(ks.history_lease)
-    assert tier.client.exists(*ks.all) == 5  # the tier's own client: redis.asyncio on 'real-async'
+    tier.client.set(ks.regenerating, encode(row(0)), px=30_000)
+    assert tier.client.exists(*ks.all) == 6  # the tier's own client: redis.asyncio on 'real-async'
 
 
 def test_a_kill_removes_entry_history_and_leases_and_publishes(tier: RedisTier, backend: Backend) -> None:
-    """kill() deletes all five keys of the key and announces 'publisher:seq:entry' on the change channel."""
+    """kill() deletes all six keys of the key and announces 'publisher:seq:entry' on the change channel."""
     ks, other = ks_of(tier), ks_of(tier, "untouched")
     pubsub = subscribe(backend, tier.keys.channel)
     seed_all_keys(tier, ks)
@@ -374,12 +375,22 @@ def test_a_kill_removes_entry_history_and_leases_and_publishes(tier: RedisTier, 
     pubsub.close()
 
 
+def test_a_write_through_removes_every_key_but_what_it_stores(tier: RedisTier, backend: Backend) -> None:
+    """write_through deletes history, leases and the regeneration marker, and stores only the entry and txid."""
+    ks = ks_of(tier)
+    seed_all_keys(tier, ks)
+    tier.write_through(ks, tier.lease_for_write(ks), row(2), "501")
+    assert [backend.client.exists(k) for k in ks.all] == [1, 0, 0, 0, 1, 0]
+    assert backend.client.get(ks.entry) == encode_entry(row(2))
+
+
 def test_a_history_only_kill_spares_the_entry(tier: RedisTier, backend: Backend) -> None:
-    """kill(history_only=True) (set_generating) deletes history and its lease, keeps entry, lease and txid."""
+    """kill(history_only=True) (a placeholder came or went) deletes history, its lease and the regeneration marker,
+    keeps entry, lease and txid."""
     ks = ks_of(tier)
     seed_all_keys(tier, ks)
     tier.kill([ks], history_only=True)
-    assert [backend.client.exists(k) for k in ks.all] == [1, 0, 1, 0, 1]
+    assert [backend.client.exists(k) for k in ks.all] == [1, 0, 1, 0, 1, 0]
 
 
 def test_a_relay_kill_with_the_writers_txid_spares_the_entry(tier: RedisTier, backend: Backend) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,9 @@ from ..policy.keys import KeySet, KeySpace
 from ..policy.page_gate import PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
+from . import regenerating
 from .client import async_redis_client, ready_client
+from .flights import AsyncFlights
 from .generate import AsyncGenerations
 from .redis_tier import AsyncRedisTier
 from .store import AsyncPostgresStore
@@ -33,6 +36,7 @@ from .writes import AsyncCacheWrites
 
 logger = logging.getLogger("tiered_cache.facade")
 
+_monotonic = time.monotonic
 _ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
 
 _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
@@ -79,6 +83,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                                     breaker=CircuitBreaker(breaker_threshold, breaker_reset), **tier_options)
         self._owns_clients = owns_clients
         self._entries: dict[Key, str] = {}
+        self._latest_reads = AsyncFlights()  # get_latest misses of one key at once share a PostgreSQL read
+        self._marker_reads = AsyncFlights()  # and get_or_generate's callers of one key share a Redis read
         self._redis_client = redis_client
         bounds = (near_max_entries, near_max_bytes, near_max_age) if near_max_entries else None
         if bounds is not None:
@@ -175,18 +181,62 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
             if near is not None:
                 near.put(entry, raw, expires_at_ms(row), epoch, started=started)
             return row, "redis", "hit"
+        return await self._latest_below(key, entry, raw, as_json, (epoch, started) if near is not None else None)
+
+    async def _latest_below(self, key: Key, entry: str, raw: Any, as_json: bool,
+                            near_at: tuple[Any, float] | None) -> tuple[Any, str, str]:
+        """Redis missed (MISS) or is skipped (DOWN): PostgreSQL's answer, filled upward (near_at: the near tier's
+        epoch and time, taken before Redis was asked). Callers of this object missing the key at once share one
+        read sent after they got here (see flights.py); each fills Redis only under its own lease, granted before
+        that read was sent, and only the one that sent it fills the near tier."""
+        after = _monotonic()
         ks = self.keys.keyset(*key) if raw is MISS else None
         token = await self.redis.lease(ks.lease) if ks is not None else None
-        row = await self.store.get_latest(*key)
-        value = None
-        if token is not None or near is not None or as_json:
-            value = encode_entry(row)
-            if token is not None:
-                await self.redis.fill_entry(ks, token, value, row)  # type: ignore[arg-type]
-            if near is not None and raw is not DOWN:
-                near.put(entry, value, expires_at_ms(row), epoch, started=started)
-        answer = (None if row is None else value) if as_json else row
+        if token is not None:
+            after = _monotonic()  # the fill lease rule: only a read sent after the lease was granted may fill
+        (row, value), mine = await self._latest_reads.ask(key, after, functools.partial(self._read_latest, key))
+        if not mine and (token is not None or not as_json):
+            row = decode(value)  # the sender's row is its own: every caller gets a dict of its own
+        if token is not None:
+            await self.redis.fill_entry(ks, token, value, row)  # type: ignore[union-attr]
+        if mine and near_at is not None and raw is not DOWN:
+            self.near.put(entry, value, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[union-attr]
+        answer = (None if value == NEGATIVE else value) if as_json else row
         return answer, "postgres", "miss" if raw is MISS else "bypass"
+
+    async def _read_latest(self, key: Key) -> tuple[Row | None, bytes]:
+        """One PostgreSQL read of a key's servable row, with its encoding (what a shared answer hands over)."""
+        row = await self.store.get_latest(*key)
+        return row, encode_entry(row)
+
+    async def _latest_or_regenerating(self, key: Key, entry: str,
+                                      begun: float) -> tuple[tuple[Row | None, Row | None], str, str]:
+        """get_or_generate's read: get_latest, and in the same Redis round trip the key's regeneration marker.
+
+        ((row, None), ...) as get_latest would answer, or ((None, previous), ...) when no row is servable and a
+        generation under way left its previous result in Redis (see _async/regenerating.py): no PostgreSQL read.
+        Callers asking for one key at once share one Redis read sent after they began (see flights.py).
+        """
+        near = self.near
+        near_at = None
+        if near is not None:
+            found = near.get(entry)
+            if found is not MISS and found is not None:  # a cached "no row" here: the marker is in Redis only
+                return (found, None), "near", "hit"
+            near_at = (near.epoch, near.timer())
+        ks = self.keys.keyset(*key)
+        raws, mine = await self._marker_reads.ask(entry, begun, functools.partial(regenerating.read, self.redis, ks))
+        raw = raws if raws is DOWN else raws[0]
+        if raw is not MISS and raw is not DOWN:
+            row = decode(raw)
+            if mine and near_at is not None:
+                near.put(entry, raw, expires_at_ms(row), near_at[0], started=near_at[1])  # type: ignore[union-attr]
+            if row is not None or raws[1] is MISS:
+                return (row, None), "redis", "hit"
+        if raw is not DOWN and raws[1] is not MISS:
+            return (None, decode(raws[1])), "redis", "hit"
+        row, tier, result = await self._latest_below(key, entry, raw, False, near_at)
+        return (row, None), tier, result
 
     async def get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str]) -> dict[str, Row | None]:
         """get_latest for many targets: near first, one MGET for the rest, one query for Redis's misses, one fill."""

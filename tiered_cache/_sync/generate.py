@@ -24,6 +24,10 @@ from .._acompat import Event, Worker, sleep, wait_event
 from .._wakeups import Waiter, bus_for
 from ..contracts import Key, Row
 from ..errors import GenerationFailed, GenerationTimeout, InvalidInput
+from ..observe import tracing
+from ..policy.entries import decode, encode, encode_entry
+from . import regenerating
+from .flights import Flights
 from .leases import Leases, Grant
 
 if TYPE_CHECKING:
@@ -78,7 +82,7 @@ class Generations(_Base):
     def _init_generations(self) -> None:
         self.leases = Leases(self.store)
         self.generation_stats = GenerationStats()
-        self._peeks: dict[Key, _Flight] = {}
+        self._peeks = Flights()
 
     def get_or_generate(
         self,
@@ -100,7 +104,7 @@ class Generations(_Base):
         caller regenerates while everyone else keeps the current row.
         """
         begun = time.monotonic()
-        key = self.store.validate_key(cache_type, site_id, target_id)
+        key, entry = self._entry(cache_type, site_id, target_id)
         if not callable(generate):
             raise InvalidInput("generate", f"expected a callable, got {type(generate).__name__}")
         triggered_by = self.store.prepare_triggered_by(triggered_by)
@@ -109,12 +113,18 @@ class Generations(_Base):
         if refresh_ahead is not None and (isinstance(refresh_ahead, bool) or not isinstance(refresh_ahead, (int, float))
                                           or not 0 < refresh_ahead < 1):
             raise InvalidInput("refresh_ahead", f"expected a fraction of the lifetime in (0, 1), got {refresh_ahead!r}")
-        row = self.get_latest(*key)
+        if self.metrics is None and not tracing():
+            row, previous = (self._latest_or_regenerating(key, entry, begun))[0]
+        else:
+            row, previous = self._observed("get_latest", self._latest_or_regenerating, key, entry, begun)
         if row is not None and not _due(row, refresh_ahead, datetime.now(timezone.utc)):
             return row
+        if row is None and previous is not None:  # a generation is under way and left the previous result in Redis
+            self.generation_stats.joined += 1
+            return previous
         bus = bus_for(self._redis_client, self.keys.channel)
         # Registered before asking PostgreSQL, so an announcement right after its answer is not missed.
-        waiter = bus.register(self.keys.entry(*key)) if bus is not None else None
+        waiter = bus.register(entry) if bus is not None else None
         call = _Call(self, key, generate, triggered_by, lease_ttl, waiter, wait)
         try:
             if row is None:
@@ -122,6 +132,7 @@ class Generations(_Base):
                 if busy and previous is not None:  # stale-while-regenerating, without touching the lease
                     self.generation_stats.joined += 1
                     return previous
+                call.mark_previous = previous is not None
             grant = call.acquire(row["id"] if row is not None else None, None)
             if grant.outcome == "busy":
                 if row is None:
@@ -137,33 +148,15 @@ class Generations(_Base):
 
     def _peek(self, key: Key, begun: float) -> tuple[bool, Row | None]:
         """leases.peek, shared by callers of this object asking for the same key at once: a burst of joiners
-        costs PostgreSQL one probe per process, not one per caller. Only a probe sent after a caller began is
-        shared with it, so an invalidate that returned before the call cannot be missed."""
-        flights = self._peeks
-        flight = flights.get(key)
-        if flight is not None and flight.started >= begun:
-            if wait_event(flight.done, POLL) and flight.value is not None:
-                return flight.value
-            return self.leases.peek(key)  # the first caller failed or is slow: ask for ourselves
-        flight = flights[key] = _Flight(Event(), time.monotonic())
-        try:
-            flight.value = self.leases.peek(key)
-            return flight.value
-        finally:
-            if flights.get(key) is flight:
-                del flights[key]
-            flight.done.set()
+        costs PostgreSQL a probe or two per process, not one per caller. Only a probe sent after a caller began
+        is shared with it (see flights.py), so an invalidate that returned before the call cannot be missed."""
+        (busy, previous), _ = self._peeks.ask(key, begun, functools.partial(self._peek_encoded, key))
+        return busy, None if previous is None else decode(previous)
 
-
-class _Flight:
-    """One peek in flight, and its answer once done (None if it raised)."""
-
-    __slots__ = ("done", "started", "value")
-
-    def __init__(self, done: Any, started: float) -> None:
-        self.done = done
-        self.started = started
-        self.value: tuple[bool, Row | None] | None = None
+    def _peek_encoded(self, key: Key) -> tuple[bool, bytes | None]:
+        """One peek, its previous row encoded: each caller sharing it decodes a dict of its own."""
+        busy, previous = self.leases.peek(key)
+        return busy, None if previous is None else encode(previous)
 
 
 class _Call:
@@ -181,6 +174,9 @@ class _Call:
         self.start = time.monotonic()
         #: Unique to this call, in this process: a second call of this process never passes for this one.
         self.holder = f"{cache.redis.publisher}.{next(Generations._holders)}"
+        #: A previous result was seen: a generation this call runs leaves it in Redis for the others (mark()).
+        self.mark_previous = False
+        self.marked = False
 
     def acquire(self, seen: int | None, waited: int | None) -> Grant:
         return self.cache.leases.acquire(self.key, seen=seen, waited=waited, holder=self.holder,
@@ -232,6 +228,8 @@ class _Call:
         stop = Event()
         beat = Worker(functools.partial(self.heartbeat, grant.token, stop), name="tiered_cache-lease-heartbeat")
         try:
+            if self.mark_previous:
+                self.mark(ks)
             produced = self.generate()
             if inspect.isawaitable(produced):
                 produced = produced
@@ -265,8 +263,31 @@ class _Call:
                     logger.warning("get_or_generate %s: lease %d was taken over; this generation will not be stored",
                                    self.key, token)
                     return
+                if self.marked:  # PostgreSQL extended the lease: the marker may live as long
+                    regenerating.refresh(self.cache.redis, self.cache.keys.keyset(*self.key), self.lease_ttl)
             except Exception as exc:  # PostgreSQL unreachable: the next beat tries again; the lease may lapse
                 logger.info("get_or_generate %s: heartbeat failed: %s: %s", self.key, type(exc).__name__, exc)
+
+    def mark(self, ks: Any) -> None:
+        """Leave the previous result in Redis while this generation runs, so the others read no PostgreSQL.
+
+        The fill lease is taken before the row is read: a change committed after our read kills the lease (the
+        fill is refused) or the stored marker (see _sync/regenerating.py). Any failure only skips the marker.
+        """
+        cache = self.cache
+        token = cache.redis.lease(ks.lease)
+        if token is None:  # a reader is filling the entry, or Redis failed: the others ask PostgreSQL instead
+            return
+        try:
+            previous = cache.leases.previous(self.key)
+            if previous is not None:
+                self.marked = regenerating.store(cache.redis, ks, token, encode_entry(previous), self.lease_ttl)
+        except Exception as exc:  # PostgreSQL failed: generate anyway, without the marker
+            logger.info("get_or_generate %s: previous result not read for the marker: %s: %s", self.key,
+                        type(exc).__name__, exc)
+        finally:
+            if not self.marked:
+                cache.redis.release(ks, token)  # unused: readers may fill the entry again at once
 
     def release_failed(self, grant: Grant, ks: Any, exc: BaseException) -> None:
         """generate() raised (or was cancelled): free the lease for the next caller, tell the waiters."""

@@ -34,7 +34,7 @@ _RELAYS = """
 SELECT relay, last_seq, applied, EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8
 FROM biz.ai_cache_relay_state ORDER BY relay
 """
-_KINDS = ("e", "h", "l", "lh", "w")  # entry, history, fill/writer lease, history lease, writer txid (policy/keys.py)
+_KINDS = ("e", "h", "l", "lh", "w", "g")  # entry, history, fill/writer lease, history lease, writer txid, regenerating (policy/keys.py)
 
 
 def add_commands(sub: Any, servers: argparse.ArgumentParser) -> None:
@@ -100,7 +100,7 @@ def _redis_view(client: redis.Redis, ks: KeySet) -> dict[str, Any]:
     pipe.time()
     for name in ks.all:
         pipe.pttl(name)
-    pipe.get(ks.entry).hgetall(ks.history).get(ks.lease).get(ks.history_lease).get(ks.writer)
+    pipe.get(ks.entry).hgetall(ks.history).get(ks.lease).get(ks.history_lease).get(ks.writer).get(ks.regenerating)
     pipe.execute_command("PEXPIRETIME", ks.entry)  # Redis 7 only: an error answer there is ignored
     answers = pipe.execute(raise_on_error=False)
     for answer in answers[:-1]:
@@ -109,8 +109,9 @@ def _redis_view(client: redis.Redis, ks: KeySet) -> dict[str, Any]:
     now_s, now_us = answers[0]
     now_ms = int(now_s) * 1000 + int(now_us) // 1000
     answers = answers[1:]
-    ttl = dict(zip(("entry", "history", "lease", "history_lease", "writer"), answers[:5]))
-    raw_entry, history, lease, history_lease, writer, expire_time = answers[5:]
+    names = ("entry", "history", "lease", "history_lease", "writer", "regenerating")
+    ttl = dict(zip(names, answers[: len(names)]))
+    raw_entry, history, lease, history_lease, writer, marker, expire_time = answers[len(names):]
     entry: dict[str, Any] = {"key": ks.entry, **_ttl(ttl["entry"], now_ms)}
     if isinstance(expire_time, int) and expire_time > 0:
         entry["expires_at_ms"] = expire_time
@@ -137,7 +138,16 @@ def _redis_view(client: redis.Redis, ks: KeySet) -> dict[str, Any]:
         "lease": {"key": ks.lease, **_holder(lease), **_ttl(ttl["lease"], now_ms)},
         "history_lease": {"key": ks.history_lease, **_holder(history_lease), **_ttl(ttl["history_lease"], now_ms)},
         "writer_txid": {"key": ks.writer, "txid": writer.decode() if writer else None, **_ttl(ttl["writer"], now_ms)},
+        "regenerating": {"key": ks.regenerating, "previous_id": _row_id(marker), **_ttl(ttl["regenerating"], now_ms)},
     }
+
+
+def _row_id(raw: bytes | None) -> Any:
+    """The id of the row a regeneration marker serves (None: no marker)."""
+    try:
+        return None if raw is None else decode(raw).get("id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _ttl(pttl: int, now_ms: int) -> dict[str, Any]:
@@ -304,7 +314,7 @@ def render_stats(out: dict[str, Any]) -> list[str]:
         lines.append("redis keyspace: " + (" ".join(f"{db}={v}" for db, v in r["keyspace"].items()) or "empty"))
         capped = f" (stopped at the cap of {n['scanned']})" if n["capped"] else ""
         lines.append(f"namespace keys{capped}: entries={n['e']} histories={n['h']} leases={n['l']} "
-                     f"history_leases={n['lh']} writer_txids={n['w']} other={n['other']}")
+                     f"history_leases={n['lh']} writer_txids={n['w']} regenerating={n['g']} other={n['other']}")
     o = out["outbox"]
     if "error" in o:
         lines.append(f"outbox: unreachable: {o['error']}")

@@ -52,11 +52,12 @@ class KeySet:
     lease: str
     history_lease: str
     writer: str  # the transaction id of the write-through that stored the entry
+    regenerating: str  # get_or_generate's previous result while one generation runs (filled under `lease`)
 
     @property
-    def all(self) -> tuple[str, str, str, str, str]:
+    def all(self) -> tuple[str, str, str, str, str, str]:
         """Every key a change must remove."""
-        return (self.entry, self.history, self.lease, self.history_lease, self.writer)
+        return (self.entry, self.history, self.lease, self.history_lease, self.writer, self.regenerating)
 
 
 class KeySpace:
@@ -83,7 +84,7 @@ class KeySpace:
         """All keys of one cache key."""
         tag = self.tag(cache_type, site_id, target_id)
         p = self._prefix
-        return KeySet(p + "e:" + tag, p + "h:" + tag, p + "l:" + tag, p + "lh:" + tag, p + "w:" + tag)
+        return KeySet(p + "e:" + tag, p + "h:" + tag, p + "l:" + tag, p + "lh:" + tag, p + "w:" + tag, p + "g:" + tag)
 
     def parse_entry(self, key: str) -> tuple[str, int, str]:
         """Inverse of entry(); used by verify and tests to prove injectivity."""

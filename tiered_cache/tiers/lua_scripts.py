@@ -13,18 +13,20 @@ _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math
 # every script here writes a DEL first, so a kill, a write-through and a fill all run whole. A replica
 # (READONLY), MISCONF or NOREPLICAS refuses that first DEL: the script stops there, having changed nothing.
 
-# KEYS: entry, history, lease, history_lease, writer. ARGV: channel ('' = silent), message,
-# scope ('all'|'history'), txid, no-op message. With a txid (the relay), the kill is skipped when the
-# entry was stored by that very transaction's write-through; the no-op keeps the sequence unbroken.
+# KEYS: KeySet.all (entry, history, lease, history_lease, writer, regenerating). ARGV: channel ('' = silent),
+# message, scope ('all'|'history'), txid, no-op message. With a txid (the relay), the kill is skipped when
+# the entry was stored by that very transaction's write-through; the no-op keeps the sequence unbroken.
+# 'all' deletes every key of the set; 'history' (a placeholder came or went) the history, its lease and
+# the regeneration marker: a generation that began or ended makes the marker's claim untrue.
 KILL = """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) == ARGV[4] then
   if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[5]) end
   return 0
 end
 if ARGV[3] == 'history' then
-  redis.call('DEL', KEYS[2], KEYS[4])
+  redis.call('DEL', KEYS[2], KEYS[4], KEYS[6])
 else
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return 1
@@ -32,11 +34,11 @@ return 1
 
 # A writer's change: kill everything of the key, then store the new state (and the writer's
 # transaction id beside it) only if the writer's pre-commit lease survived.
-# ARGV: token, value, mode ('pxat'|'px'), ms, channel, message, txid.
+# KEYS: KeySet.all. ARGV: token, value, mode ('pxat'|'px'), ms, channel, message, txid.
 WRITE_THROUGH = (
     """
 local mine = redis.call('GET', KEYS[3]) == ARGV[1]
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 local stored = 0
 if mine then
   local mode = 'PX'
@@ -58,7 +60,7 @@ return stored
 """
 )
 
-# A reader's fill. KEYS: target, lease. ARGV: token, value, mode ('pxat'|'px'), ms, hash field ('' = string).
+# A reader's fill (or get_or_generate's regeneration marker). KEYS: target, lease. ARGV: token, value, mode ('pxat'|'px'), ms, hash field ('' = string).
 FILL = (
     """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
