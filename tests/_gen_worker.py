@@ -1,8 +1,10 @@
 """A process of get_or_generate callers for tests/test_generate_processes.py (sync threads or async tasks).
 
 argv[1] is a JSON object: dsn, url, api ("sync"|"async"), target, callers, dir (shared folder), lease_ttl,
-wait, and optional near (bool) and settle (bool: warm up until a round met no Redis error, then collect
-garbage, so a measurement starts from a settled process). generate() appends this pid to dir/calls (counted
+wait, and optional near (bool), settle (bool: warm up until a round met no Redis error, then collect
+garbage, so a measurement starts from a settled process) and peers (int: after its callers are done, wait
+until that many workers touched dir/done-<pid> before closing, so no worker's shutdown runs while another's
+callers are still being measured). generate() appends this pid to dir/calls (counted
 outside the library), touches dir/started-<pid>, then waits for dir/release (or `seconds`). Every caller's
 outcome goes to dir/out-<pid>.json once all are done: start and end (time.time()), row id, result text, or the
 error.
@@ -34,6 +36,14 @@ _WARM_ROUNDS = 10
 def _redis_trouble(cache: Any) -> tuple[int, int]:
     """Redis errors and skipped reads so far: a warm-up round that added none left the client settled."""
     return cache.redis.stats.errors, cache.redis.stats.skipped
+
+
+def _after_peers(folder: Path, opts: dict[str, Any]) -> None:
+    """Tell the others this process's callers are done; with `peers`, wait (a bounded while) until theirs are too."""
+    (folder / f"done-{os.getpid()}").touch()
+    deadline = time.monotonic() + 60.0
+    while len(list(folder.glob("done-*"))) < opts.get("peers", 0) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _wait_for(path: Path, limit: float = 60.0) -> None:
@@ -112,6 +122,7 @@ def main() -> None:
             t.start()
         for t in threads:
             t.join()
+        _after_peers(folder, opts)
         after = cache.get_latest(CT, SITE, opts["target"])
         cache.close()
     else:
@@ -147,6 +158,7 @@ def main() -> None:
             while not (folder / opts.get("go", "go")).exists():
                 await asyncio.sleep(0.005)
             got = await asyncio.gather(*(caller() for _ in range(opts["callers"])))
+            await asyncio.to_thread(_after_peers, folder, opts)
             after = await cache.get_latest(CT, SITE, opts["target"])
             await cache.close()
             return list(got), after

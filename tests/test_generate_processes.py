@@ -111,7 +111,7 @@ def _spread(values: list[float]) -> str:
 
 
 def test_200_callers_over_4_processes_run_one_generation(run: Run, dsn: str) -> None:
-    procs = [run.spawn(api, "cold", 50, seconds=0.3, settle=True) for api in ("sync", "async", "sync", "async")]
+    procs = [run.spawn(api, "cold", 50, seconds=0.3, settle=True, peers=4) for api in ("sync", "async", "sync", "async")]
     run.ready(procs)
     run.go()
     outs = [run.out(p) for p in procs]
@@ -131,7 +131,7 @@ def test_with_a_previous_result_every_other_caller_returns_while_the_generation_
     run.ready([winner])
     run.go()
     run.until("the generation started", lambda: run.started())
-    procs = [run.spawn(api, "warm", 50, go="go-2", settle=True) for api in ("sync", "async", "sync", "async")]
+    procs = [run.spawn(api, "warm", 50, go="go-2", settle=True, peers=4) for api in ("sync", "async", "sync", "async")]
     run.ready(procs)
     (run.dir / "go-2").touch()
     outs = [run.out(p) for p in procs]  # all 200 return while generate() is still held
