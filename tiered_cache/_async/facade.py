@@ -22,6 +22,7 @@ from ..errors import Closed, ConfigurationError
 from ..observe import tracing
 from ..policy.breaker import CircuitBreaker
 from ..policy.entries import NEGATIVE, decode, encode, encode_entry, entry_expires_at_ms, expires_at_ms
+from ..policy.key_memo import KeyMemo
 from ..policy.keys import KeySet, KeySpace
 from ..policy.page_gate import PageGate
 from ..relay import Relay
@@ -37,7 +38,6 @@ from .writes import AsyncCacheWrites
 logger = logging.getLogger("tiered_cache.facade")
 
 _monotonic = time.monotonic
-_ENTRY_MEMO = 1 << 16  # validated keys remembered; cleared whole when full (cheaper than LRU bookkeeping)
 
 _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
                             "min_size", "max_size", "pool_timeout", "connect_timeout"})
@@ -53,7 +53,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         redis_client: Any,
         *,
         namespace: str = "tc",
-        negative_ttl: float = 10.0,
+        negative_ttl: float = 3600.0,
         no_expiry_ttl: float = 3600.0,
         history_ttl: float = 3600.0,
         lease_ttl: float = 5.0,
@@ -82,7 +82,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                                     history_ttl=history_ttl, lease_ttl=lease_ttl,
                                     breaker=CircuitBreaker(breaker_threshold, breaker_reset), **tier_options)
         self._owns_clients = owns_clients
-        self._entries: dict[Key, str] = {}
+        self._memo = KeyMemo(store.validate_key, store.validate_many, self.keys.entry, store.limits)
         self._latest_reads = AsyncFlights()  # get_latest misses of one key at once share a PostgreSQL read
         self._marker_reads = AsyncFlights()  # and get_or_generate's callers of one key share a Redis read
         self._redis_client = redis_client
@@ -113,35 +113,6 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def _entry(self, cache_type: object, site_id: object, target_id: object) -> tuple[Key, str]:
-        """The validated key and its entry key; memoized for exact str/int/str, so a hot key costs a dict lookup."""
-        if type(site_id) is int and type(cache_type) is str and type(target_id) is str:
-            key = (cache_type, site_id, target_id)
-            entry = self._entries.get(key)
-            if entry is not None:
-                return key, entry
-        key = self.store.validate_key(cache_type, site_id, target_id)
-        entry = self.keys.entry(*key)
-        if len(self._entries) >= _ENTRY_MEMO:
-            self._entries.clear()
-        self._entries[key] = entry
-        return key, entry
-
-    def _entries_many(
-        self, cache_type: object, site_id: object, target_ids: object
-    ) -> tuple[str, int, list[str], list[str]]:
-        """get_many's validated arguments and entry keys; a board page of known keys costs dict lookups."""
-        memo = self._entries
-        if type(site_id) is int and type(cache_type) is str and type(target_ids) in (list, tuple):
-            entries = [memo.get((cache_type, site_id, t)) if type(t) is str else None for t in target_ids]
-            if None not in entries and len(entries) <= self.store.limits.max_many:
-                if len(set(entries)) == len(entries):
-                    return cache_type, site_id, list(target_ids), entries  # type: ignore[return-value]
-                unique = dict.fromkeys(zip(target_ids, entries))
-                return cache_type, site_id, [t for t, _ in unique], [e for _, e in unique]  # type: ignore[misc]
-        ct, site, ids = self.store.validate_many(cache_type, site_id, target_ids)
-        return ct, site, ids, [self._entry(ct, site, t)[1] for t in ids]
-
     # Each read has a JSON twin (get_latest_json...) on the same path: same tiers, leases and fills, but it
     # answers the stored bytes, orjson.dumps of what the dict method returns, byte for byte, never decoded.
 
@@ -159,7 +130,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
 
     async def _get_latest(self, cache_type: str, site_id: int, target_id: str,
                           as_json: bool = False) -> tuple[Any, str, str]:
-        key, entry = self._entry(cache_type, site_id, target_id)
+        key, entry = self._memo.entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
             if as_json:
@@ -254,7 +225,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
     async def _get_many(self, cache_type: str, site_id: int, target_ids: Sequence[str],
                         as_json: bool = False) -> tuple[dict[str, Any], str, str]:
         """Answered by the lowest tier any target needed."""
-        ct, site, ids, entries = self._entries_many(cache_type, site_id, target_ids)
+        ct, site, ids, entries = self._memo.entries(cache_type, site_id, target_ids)
         if not ids:
             return {}, "none", "ok"
         found: dict[str, Any] = {}
@@ -322,7 +293,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
 
     async def _get_history(self, cache_type: str, site_id: int, target_id: str, limit: int,
                            as_json: bool = False) -> tuple[Any, str, str]:
-        key, entry = self._entry(cache_type, site_id, target_id)
+        key, entry = self._memo.entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
         if near is not None:

@@ -103,7 +103,7 @@ class AsyncGenerations(_Base):
         caller regenerates while everyone else keeps the current row.
         """
         begun = time.monotonic()
-        key, entry = self._entry(cache_type, site_id, target_id)
+        key, entry = self._memo.entry(cache_type, site_id, target_id)
         if not callable(generate):
             raise InvalidInput("generate", f"expected a callable, got {type(generate).__name__}")
         triggered_by = self.store.prepare_triggered_by(triggered_by)

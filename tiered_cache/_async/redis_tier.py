@@ -73,7 +73,7 @@ class AsyncRedisTier(AsyncRedisWrites):
         client: aioredis.Redis,
         keys: KeySpace,
         *,
-        negative_ttl: float = 10.0,
+        negative_ttl: float = 3600.0,
         no_expiry_ttl: float = 3600.0,
         history_ttl: float = 3600.0,
         lease_ttl: float = 5.0,
