@@ -436,3 +436,23 @@ def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not
             pass
         gate.tried_page(True)
     assert gate.share >= 0.5 and gate.try_near()
+
+
+def test_a_closed_page_gate_samples_less_while_sampled_pages_find_little_near() -> None:
+    """Sampled pages cost a lookup and a put per key: the interval doubles to max_sample, and resets on a page half near."""
+    from tiered_cache.policy.page_gate import PageGate
+
+    gate = PageGate(threshold=0.5, sample=4, max_sample=32, alpha=0.5)
+    while gate.share >= 0.5:
+        assert gate.try_near()
+        gate.tried_page(False)
+    gaps = []
+    for _ in range(6):
+        n = 1
+        while not gate.try_near():
+            n += 1
+        gaps.append(n)
+        gate.tried_page(False, near_share=0.1)
+    assert gaps == [4, 8, 16, 32, 32, 32]
+    gate.tried_page(False, near_share=0.6)  # the hot set is coming to fit: sample at the base rate again
+    assert [gate.try_near() for _ in range(4)] == [False, False, False, True]

@@ -242,7 +242,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                     ask.append((target, entry))
                 else:
                     found[target] = None if as_json and value == NEGATIVE else value
-            self._pages.tried_page(not ask)
+            self._pages.tried_page(not ask, 1.0 - len(ask) / len(ids))
             if not ask:
                 return found, "near", "hit"
         else:
