@@ -533,6 +533,61 @@ def test_retention_counts_legacy_null_status_rows(make_store: Any, dsn: str) -> 
         assert s.get_latest("app3_clue", 1, "t")["id"] == legacy[-1]  # type: ignore[index]
 
 
+def group_size(dsn: str, cache_type: str = "app3_clue", site_id: int = 1) -> int | None:
+    """What sweep last recorded of a group (biz.ai_cache_group_sizes), None before its first pass."""
+    rows = q(dsn, "SELECT rows FROM biz.ai_cache_group_sizes WHERE cache_type = %s AND site_id = %s",
+             (cache_type, site_id))
+    return rows[0][0] if rows else None
+
+
+def test_retention_trims_once_a_group_holds_a_tenth_more(make_store: Any, dsn: str) -> None:
+    """retention=10: a group of 11 is left as it is (only counted), one of 12 is trimmed back to the newest 10."""
+    with make_store(dsn, retention=10) as s:
+        made = [s.write_cache("app3_clue", 1, "t", {"i": i}) for i in range(10)]
+        assert s.sweep().deleted == 0 and group_size(dsn) == 10  # the first pass counts exactly
+        made.append(s.write_cache("app3_clue", 1, "t", {"i": 10}))
+        assert s.sweep().deleted == 0 and group_size(dsn) == 11  # within the slack: counted, not walked
+        made.append(s.write_cache("app3_clue", 1, "t", {"i": 11}))
+        report = s.sweep()
+        assert report.deleted == 2 and ids(dsn) == set(made[-10:]) and group_size(dsn) == 10
+
+
+def test_retention_slack_is_counted_from_the_rows_retention_must_spare(make_store: Any, dsn: str) -> None:
+    """15 keys with one served row each and retention=10: nothing can go, and the next write does not walk again."""
+    with make_store(dsn, retention=10) as s:
+        made = [s.write_cache("app3_clue", 1, f"k{i}", {"i": i}) for i in range(15)]
+        assert s.sweep().deleted == 0 and ids(dsn) == set(made)
+        assert group_size(dsn) == 10  # capped at retention: the 5 spared rows are not growth
+        s.write_cache("app3_clue", 1, "k15", {"i": 15})
+        s.sweep()
+        assert group_size(dsn) == 11  # counted from the estimate (a walk would have stored min(16, 10))
+
+
+def test_retention_counts_rows_written_by_others(make_store: Any, dsn: str) -> None:
+    """Rows an ETL job inserts count toward the group's size like the store's own."""
+    with make_store(dsn, retention=10) as s:
+        s.write_cache("app3_clue", 1, "t", {"i": 0})
+        s.sweep()
+        for i in range(12):
+            q(dsn, "INSERT INTO biz.ai_cache (cache_type, site_id, target_id, result_json, status) "
+                   "VALUES ('app3_clue', 1, 't', %s, 'valid')", (f'{{"etl": {i}}}',))
+        assert s.sweep().deleted == 3 and count(dsn) == 10
+
+
+def test_a_truncate_forgets_the_counted_sizes(make_store: Any, dsn: str) -> None:
+    """TRUNCATE ... RESTART IDENTITY reuses ids, so counts above the old newest id would miss every new row."""
+    with make_store(dsn, retention=3) as s:
+        for i in range(3):
+            s.write_cache("app3_clue", 1, "t", {"i": i})
+        s.sweep()
+        assert group_size(dsn) == 3
+        q(dsn, "TRUNCATE biz.ai_cache RESTART IDENTITY")
+        assert group_size(dsn) is None
+        for i in range(5):
+            s.write_cache("app3_clue", 1, "t", {"i": i})
+        assert s.sweep().deleted == 2 and count(dsn) == 3
+
+
 # ============================================================================ defects 1-7 of the old service
 
 

@@ -175,6 +175,40 @@ DELETE FROM biz.ai_cache WHERE id IN (SELECT id FROM victims)
 """
 
 
+# Retention's bookkeeping (migrations/0005): the group's size as last counted plus the rows written since
+# (ids above the newest counted, created up to a minute before the count so a slow transaction is not
+# missed), stored back when at most `limit`; no row back means no size is known yet. A transaction older
+# than that minute that commits later is not counted: retention is trimmed a few rows later, nothing else.
+RETENTION_ESTIMATE = """
+WITH prev AS (
+    SELECT rows, max_id, counted_at FROM biz.ai_cache_group_sizes
+    WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s
+), fresh AS (
+    SELECT count(*) AS n, max(a.id) AS top FROM biz.ai_cache a, prev p
+    WHERE a.cache_type = %(cache_type)s AND a.site_id = %(site_id)s
+      AND a.created_at >= p.counted_at - interval '1 minute' AND a.id > p.max_id
+), est AS (
+    SELECT p.rows + f.n AS rows, greatest(p.max_id, coalesce(f.top, 0)) AS max_id FROM prev p, fresh f
+), kept AS (
+    UPDATE biz.ai_cache_group_sizes g SET rows = e.rows, max_id = e.max_id, counted_at = now()
+    FROM est e
+    WHERE g.cache_type = %(cache_type)s AND g.site_id = %(site_id)s AND e.rows <= %(limit)s
+    RETURNING g.rows
+)
+SELECT rows FROM est
+"""
+
+# After a trim (or the first pass over a group): the exact count, capped at `keep` so the rows retention
+# must spare (a served row of an old key, a live placeholder) do not make every later pass walk again.
+RETENTION_COUNT = """
+INSERT INTO biz.ai_cache_group_sizes (cache_type, site_id, rows, max_id, counted_at)
+SELECT %(cache_type)s, %(site_id)s, least(count(*), %(keep)s), coalesce(max(id), 0), now()
+FROM biz.ai_cache WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s
+ON CONFLICT (cache_type, site_id) DO UPDATE
+    SET rows = excluded.rows, max_id = excluded.max_id, counted_at = excluded.counted_at
+"""
+
+
 def row_dict(columns: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
     """A row as the old service returned it: a dict of the columns, datetimes as ISO-8601 strings.
 
