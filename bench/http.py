@@ -129,7 +129,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def uvicorn(backend: str, dsn: str, url: str, workers: int, log_dir: Path,
-            stock: bool = False) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+            stock: bool = False, near_entries: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """The example under `uvicorn --workers N` on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit.
 
     Unless `stock`, uvicorn starts through bench/_uvicorn.py, which only binds its listener so TCP_NODELAY holds.
@@ -138,6 +138,8 @@ def uvicorn(backend: str, dsn: str, url: str, workers: int, log_dir: Path,
         raise SystemExit(f"bench --http needs the repository's examples/ ({EXAMPLES} is missing)")
     port = free_port()
     env = {**os.environ, "TIERED_CACHE_DSN": dsn, "TIERED_CACHE_REDIS_URL": url, **BACKENDS[backend][1]}
+    if backend == "near" and near_entries is not None:
+        env["TIERED_CACHE_NEAR_MAX_ENTRIES"] = str(near_entries)
     log_path = log_dir / f"uvicorn-{backend}.log"
     launcher = "uvicorn" if stock else "tiered_cache.bench._uvicorn"
     cmd = [sys.executable, "-m", launcher, "fastapi_app:app", "--app-dir", str(EXAMPLES), "--host", HOST,
@@ -257,7 +259,7 @@ def measure(backend: str, dsn: str, url: str, spec: WorkloadSpec, args: argparse
     keyspace = Keyspace(spec)
     bound = near_max_age() if backend == "near" else 0.0
     stale = StaleCheck(max_row_id(dsn), bound)
-    with uvicorn(backend, dsn, url, args.workers, log_dir, args.stock_uvicorn) as (proc, port):
+    with uvicorn(backend, dsn, url, args.workers, log_dir, args.stock_uvicorn, args.near_entries) as (proc, port):
 
         async def drive() -> tuple[Driver, Any, Any, list[int]]:
             try:
@@ -369,7 +371,7 @@ def render(result: dict[str, Any]) -> str:
     for s in result["summary"]:
         c = s["cpu_ms_per_request"]
         lines.append(
-            f"| {s['label']} | {_f(s['req_per_s'], '{:.0f}')} | {_range(s['vs_store']['req_per_s'])} "
+            f"| {s['label']}{_near_size(result, s['backend'])} | {_f(s['req_per_s'], '{:.0f}')} | {_range(s['vs_store']['req_per_s'])} "
             f"| {_f(s['p50_ms']['board'])} / {_f(s['p99_ms']['board'])} | {_f(s['p50_ms']['chat'])} / {_f(s['p99_ms']['chat'])} "
             f"| {_f(s['p50_ms']['write'])} / {_f(s['p99_ms']['write'])} "
             f"| {_f(c['app'])} / {_f(c['pg'])} / {_f(c['redis'])} = {_f(c['server'])} | {_range(s['vs_store']['server_cpu'])} "
@@ -377,6 +379,11 @@ def render(result: dict[str, Any]) -> str:
             f"| {s['errors']} | {s['stale_reads']} ({s['stale_within_bound']}) of {s['reads_checked']} |")
     lines += ["", f"Bar: {BAR}.", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _near_size(result: dict[str, Any], backend: str) -> str:
+    entries = result["workload"].get("near_entries")
+    return f" ({entries:,} entries)" if backend == "near" and entries is not None else ""
 
 
 def notes(result: dict[str, Any]) -> list[str]:
@@ -421,6 +428,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="uvicorn workers")
     p.add_argument("--stock-uvicorn", action="store_true",
                    help="plain `python -m uvicorn` (its --workers listener loses TCP_NODELAY: ~43 ms a request)")
+    p.add_argument("--near-entries", type=int, default=int(NEAR_ENTRIES),
+                   help="near + Redis: the near tier's max entries (the example's default; its 64 MiB byte bound holds)")
     p.add_argument("--cold", action="store_true",
                    help="skip the prewarm (every key read once through the cache before the runs): a cold start")
     p.add_argument("--seed", type=int, default=WorkloadSpec.seed, help="workload seed (data and every op stream)")
@@ -469,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workload": {"connections": args.connections, "workers": args.workers, "seconds": args.seconds,
                      "warmup": args.warmup, "runs": args.runs, "size": args.size, "seed": args.seed,
                      "stock_uvicorn": args.stock_uvicorn, "prewarmed": not args.cold,
+                     "near_entries": args.near_entries,
                      "mix": "70% board pages (20-50 targets), 25% chat turns (latest + history of 3), 5% mutations "
                             "(50% writes, 35% regenerations, 15% invalidations), Zipf-popular keys",
                      "keys": len(Keyspace(spec).sites) * spec.dims.targets * 7, **loaded},

@@ -397,6 +397,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching contenders "
                    "(the old service and the floors are always kept, for the ratios)")
     p.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep")
+    p.add_argument("--runs", type=int, default=1,
+                   help="repeat the whole run; results.* show the last, spread.md every figure's median and min-max")
     p.add_argument("--scale", action="store_true",
                    help="measure how cost grows with the table instead (bench/scale.py: --scale --help)")
     p.add_argument("--async", dest="async_", action="store_true",
@@ -448,9 +450,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.redis_url:
         os.environ["TIERED_CACHE_REDIS_URL"] = args.redis_url
     spec = WorkloadSpec(size=args.size, seed=args.seed, write_rate=args.write_rate)
+    results = []
     with servers() as srv:
-        result = run(spec, srv, args)
+        for i in range(args.runs):
+            results.append(run(spec, srv, args))
+            if args.runs > 1:  # each run whole, then the spread of every figure over them
+                (args.out / f"run-{i + 1}").mkdir(parents=True, exist_ok=True)
+                _report.write_json(results[-1], args.out / f"run-{i + 1}" / "results.json")
+    result = results[-1]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.runs > 1:
+        from . import _spread
+
+        spread = _spread.summarize(results)
+        _report.write_json(spread, args.out / "spread.json")
+        (args.out / "spread.md").write_text(_spread.render(spread, args.runs), encoding="utf-8")
+        print(_spread.render(spread, args.runs))
     _report.write_json(result, args.out / "results.json")
     (args.out / "results.md").write_text(_report.render_markdown(result), encoding="utf-8")
     charted = _report.write_chart(result, args.out / "chart.png")

@@ -79,6 +79,27 @@ def test_tiny_run_writes_every_output(dsn: str, redis_url: str, tmp_path: Path, 
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_runs_report_each_figures_spread(dsn: str, redis_url: str, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--runs 2 keeps both runs and writes spread.md/json: per contender a median within its min-max, from both."""
+    from tiered_cache.bench import main
+
+    monkeypatch.setenv("TIERED_CACHE_DSN", dsn)
+    monkeypatch.setenv("TIERED_CACHE_REDIS_URL", redis_url)
+    assert main(["--size", "tiny", "--out", str(tmp_path), "--no-progress", "--no-sweep", "--only", "tiered",
+                 "--workloads", "board", "--runs", "2"]) == 0
+    runs = [json.loads((tmp_path / f"run-{i}" / "results.json").read_text(encoding="utf-8")) for i in (1, 2)]
+    spread = json.loads((tmp_path / "spread.json").read_text(encoding="utf-8"))
+    for name, stats in spread["board"]["contenders"].items():
+        each = [next(r["ops_per_s"] for r in run["workloads"]["board"]["rows"] if r["contender"] == name) for run in runs]
+        ops = stats["ops_per_s"]
+        assert (ops["min"], ops["max"]) == (min(each), max(each)) and ops["min"] <= ops["median"] <= ops["max"], name
+    near_vs_redis = spread["board"]["near_vs_redis_ops"]
+    assert near_vs_redis is not None and near_vs_redis["min"] <= near_vs_redis["median"] <= near_vs_redis["max"]
+    assert "near + Redis ops/s over Redis alone's" in (tmp_path / "spread.md").read_text(encoding="utf-8")
+
+
 def test_importing_the_package_loads_no_benchmark_code() -> None:
     """`import tiered_cache.bench` stays cheap: the runner and its dependencies load only in main()."""
     code = ("import sys, tiered_cache.bench; "

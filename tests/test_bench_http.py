@@ -22,7 +22,7 @@ def test_tiny_http_bench_serves_every_backend_without_errors_or_stale_reads(  # 
     assert main(["--http", "--tiny", "--json", "--out", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "http.json").read_text()) == result
-    assert "| AsyncTieredCache, near + Redis |" in (tmp_path / "http.md").read_text()
+    assert "| AsyncTieredCache, near + Redis (10,000 entries) |" in (tmp_path / "http.md").read_text()
 
     (run,) = result["runs"]
     assert [r["backend"] for r in run] == BACKENDS == [s["backend"] for s in result["summary"]]

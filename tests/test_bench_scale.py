@@ -21,5 +21,6 @@ def test_scale_bench_loads_measures_and_renders(dsn: str, redis_url: str) -> Non
                  *[f"hit get_many({n})" for n in scale.MANY]]:
         assert out[name] > 0, name
     assert out["sweep expired"] == 100  # a tenth of the 1,000 written rows had expired
+    assert out["sweep first pass"] > 0 and "shared buffers hit" in out["explain miss get_many(50)"]
     text = scale.render([out, {**out, "rows": 8_000}])
     assert "| 4,000 |" in text and "growth from the smallest size" in text
