@@ -422,37 +422,47 @@ def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -
 def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not() -> None:
     from tiered_cache.policy.page_gate import PageGate
 
-    gate = PageGate(threshold=0.5, sample=8, alpha=0.25)
+    gate = PageGate(threshold=0.5, burst=2, interval=8, alpha=0.25)
     for _ in range(20):
         assert gate.try_near()
         gate.tried_page(True)
     while gate.share >= 0.5:
         assert gate.try_near()
         gate.tried_page(False)
-    tries = [gate.try_near() for _ in range(16)]
-    assert tries.count(True) == 2 and tries[7] and tries[15]  # one page in `sample` still tries
-    for _ in range(10):  # the hot set fits again: the sampled pages are whole, the gate reopens
+    tries = []
+    for _ in range(16):
+        tries.append(gate.try_near())
+        if tries[-1]:
+            gate.tried_page(False, near_share=0.9)  # much of each page near, not all: keep sampling at the base rate
+    assert tries == ([False] * 6 + [True] * 2) * 2  # a burst of 2 in every 8 pages
+    for _ in range(10):  # the hot set fits again: the burst's pages are whole, the gate reopens at once
         while not gate.try_near():
             pass
         gate.tried_page(True)
     assert gate.share >= 0.5 and gate.try_near()
 
 
-def test_a_closed_page_gate_samples_less_while_sampled_pages_find_little_near() -> None:
-    """Sampled pages cost a lookup and a put per key: the interval doubles to max_sample, and resets on a page half near."""
+def test_a_closed_page_gate_bursts_less_often_while_bursts_find_little_near() -> None:
+    """Tried pages cost a lookup and a put per key: the interval doubles to max_interval, and resets on a better burst."""
     from tiered_cache.policy.page_gate import PageGate
 
-    gate = PageGate(threshold=0.5, sample=4, max_sample=32, alpha=0.5)
+    gate = PageGate(threshold=0.5, burst=2, interval=4, max_interval=32, alpha=0.5)
     while gate.share >= 0.5:
         assert gate.try_near()
         gate.tried_page(False)
-    gaps = []
+    cycles = []
     for _ in range(6):
         n = 1
         while not gate.try_near():
             n += 1
-        gaps.append(n)
         gate.tried_page(False, near_share=0.1)
-    assert gaps == [4, 8, 16, 32, 32, 32]
-    gate.tried_page(False, near_share=0.6)  # the hot set is coming to fit: sample at the base rate again
-    assert [gate.try_near() for _ in range(4)] == [False, False, False, True]
+        assert gate.try_near()  # the burst's second page
+        gate.tried_page(False, near_share=0.1)
+        cycles.append(n + 1)
+    assert cycles == [4, 8, 16, 32, 32, 32]  # pages from one burst's end to the next one's
+    while not gate.try_near():
+        pass
+    gate.tried_page(False, near_share=0.6)  # the hot set is coming to fit: burst at the base rate again
+    assert gate.try_near()
+    gate.tried_page(False, near_share=0.1)
+    assert [gate.try_near() for _ in range(3)] == [False, False, True]

@@ -574,6 +574,20 @@ def test_retention_counts_rows_written_by_others(make_store: Any, dsn: str) -> N
         assert s.sweep().deleted == 3 and count(dsn) == 10
 
 
+def test_rows_the_estimate_cannot_see_are_found_by_the_hourly_recount(make_store: Any, dsn: str) -> None:
+    """ETL rows with their own (old) created_at are not in the estimate; the exact count an hour on trims them."""
+    with make_store(dsn, retention=10) as s:
+        s.write_cache("app3_clue", 1, "t", {"i": 0})
+        s.sweep()
+        for i in range(12):  # a backfill: its source's timestamps, not now()
+            q(dsn, "INSERT INTO biz.ai_cache (cache_type, site_id, target_id, result_json, status, created_at) "
+                   "VALUES ('app3_clue', 1, 't', %s, 'valid', now() - interval '1 day')", (f'{{"etl": {i}}}',))
+        assert s.sweep().deleted == 0 and count(dsn) == 13  # within the hour: not seen
+        q(dsn, "UPDATE biz.ai_cache_group_sizes SET exact_at = exact_at - interval '61 minutes'")
+        s.write_cache("app3_clue", 1, "t", {"i": 1})  # the group is written again: sweep visits it
+        assert s.sweep().deleted == 4 and count(dsn) == 10
+
+
 def test_a_truncate_forgets_the_counted_sizes(make_store: Any, dsn: str) -> None:
     """TRUNCATE ... RESTART IDENTITY reuses ids, so counts above the old newest id would miss every new row."""
     with make_store(dsn, retention=3) as s:

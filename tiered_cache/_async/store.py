@@ -18,6 +18,8 @@ from ..tiers._store_shared import ABeforeCommit, Key, Rows, SweepReport, WriteOu
 from .pg_pool import AsyncConnections
 
 logger = logging.getLogger("tiered_cache.tiers.postgres")  # the name it has always logged under
+#: How old a group's exact count may get before sweep counts it again (what the estimate cannot see, it sees then).
+RECOUNT_EVERY = timedelta(hours=1)
 
 
 class AsyncPostgresStore:
@@ -319,11 +321,11 @@ class AsyncPostgresStore:
         """Trim one written group to `retention` once it may hold 10% more; until then only count what it gained.
 
         Finding the cutoff walks up to `retention` index entries, so trimming on every pass made sweep's cost
-        per written row grow with group size; amortized over the slack it stays flat.
+        per written row grow with group size; amortized over the slack (and an exact recount an hour) it stays flat.
         """
         params = {"cache_type": cache_type, "site_id": site_id, "keep": self.retention,
                   "limit": self.retention + self.retention // 10, "generating_timeout": self.generating_timeout,
-                  "batch": batch}
+                  "batch": batch, "recount": RECOUNT_EVERY}
         estimate, _ = await self._write(_sql.RETENTION_ESTIMATE, params, "sweep")
         if estimate and estimate[0][0] <= params["limit"]:
             return 0

@@ -19,6 +19,8 @@ from ..tiers._store_shared import BeforeCommit, Key, Rows, SweepReport, WriteOut
 from .pg_pool import Connections
 
 logger = logging.getLogger("tiered_cache.tiers.postgres")  # the name it has always logged under
+#: How old a group's exact count may get before sweep counts it again (what the estimate cannot see, it sees then).
+RECOUNT_EVERY = timedelta(hours=1)
 
 
 class PostgresStore:
@@ -320,11 +322,11 @@ class PostgresStore:
         """Trim one written group to `retention` once it may hold 10% more; until then only count what it gained.
 
         Finding the cutoff walks up to `retention` index entries, so trimming on every pass made sweep's cost
-        per written row grow with group size; amortized over the slack it stays flat.
+        per written row grow with group size; amortized over the slack (and an exact recount an hour) it stays flat.
         """
         params = {"cache_type": cache_type, "site_id": site_id, "keep": self.retention,
                   "limit": self.retention + self.retention // 10, "generating_timeout": self.generating_timeout,
-                  "batch": batch}
+                  "batch": batch, "recount": RECOUNT_EVERY}
         estimate, _ = self._write(_sql.RETENTION_ESTIMATE, params, "sweep")
         if estimate and estimate[0][0] <= params["limit"]:
             return 0

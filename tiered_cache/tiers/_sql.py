@@ -176,13 +176,14 @@ DELETE FROM biz.ai_cache WHERE id IN (SELECT id FROM victims)
 
 
 # Retention's bookkeeping (migrations/0005): the group's size as last counted plus the rows written since
-# (ids above the newest counted, created up to a minute before the count so a slow transaction is not
-# missed), stored back when at most `limit`; no row back means no size is known yet. A transaction older
-# than that minute that commits later is not counted: retention is trimmed a few rows later, nothing else.
+# (ids above the newest counted, created up to a minute before the count so a slow transaction is mostly
+# not missed), stored back when at most `limit`; no row back means no size is known, or the last exact
+# count is older than `recount`: count again. What the estimate misses (a row committed after a higher id
+# was counted, ids or created_at an ETL job set) delays a trim until then, nothing else.
 RETENTION_ESTIMATE = """
 WITH prev AS (
     SELECT rows, max_id, counted_at FROM biz.ai_cache_group_sizes
-    WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s
+    WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s AND exact_at > now() - %(recount)s
 ), fresh AS (
     SELECT count(*) AS n, max(a.id) AS top FROM biz.ai_cache a, prev p
     WHERE a.cache_type = %(cache_type)s AND a.site_id = %(site_id)s
@@ -201,11 +202,11 @@ SELECT rows FROM est
 # After a trim (or the first pass over a group): the exact count, capped at `keep` so the rows retention
 # must spare (a served row of an old key, a live placeholder) do not make every later pass walk again.
 RETENTION_COUNT = """
-INSERT INTO biz.ai_cache_group_sizes (cache_type, site_id, rows, max_id, counted_at)
-SELECT %(cache_type)s, %(site_id)s, least(count(*), %(keep)s), coalesce(max(id), 0), now()
+INSERT INTO biz.ai_cache_group_sizes (cache_type, site_id, rows, max_id, counted_at, exact_at)
+SELECT %(cache_type)s, %(site_id)s, least(count(*), %(keep)s), coalesce(max(id), 0), now(), now()
 FROM biz.ai_cache WHERE cache_type = %(cache_type)s AND site_id = %(site_id)s
 ON CONFLICT (cache_type, site_id) DO UPDATE
-    SET rows = excluded.rows, max_id = excluded.max_id, counted_at = excluded.counted_at
+    SET rows = excluded.rows, max_id = excluded.max_id, counted_at = excluded.counted_at, exact_at = excluded.exact_at
 """
 
 
