@@ -422,7 +422,7 @@ def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -
 def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not() -> None:
     from tiered_cache.policy.page_gate import PageGate
 
-    gate = PageGate(threshold=0.5, burst=2, interval=8, alpha=0.25)
+    gate = PageGate(threshold=0.5, burst=2, max_burst=2, interval=8, alpha=0.25)
     for _ in range(20):
         assert gate.try_near()
         gate.tried_page(True)
@@ -440,6 +440,26 @@ def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not
             pass
         gate.tried_page(True)
     assert gate.share >= 0.5 and gate.try_near()
+
+
+def test_a_burst_goes_on_while_its_pages_find_half_their_keys_near_and_reopens_on_whole_pages() -> None:
+    """A hot set filling the near tier: the burst outlasts `burst` pages, and whole pages reopen the gate."""
+    from tiered_cache.policy.page_gate import PageGate
+
+    gate = PageGate(threshold=0.5, burst=4, max_burst=100, interval=16, alpha=0.25)
+    while gate.share >= 0.5:
+        gate.try_near()
+        gate.tried_page(False)
+    while not gate.try_near():
+        pass
+    found = [0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9]  # pages of a burst as the tier fills with a repeating set
+    for share in found:
+        gate.tried_page(False, near_share=share)
+        assert gate.try_near()  # 7 pages in: still trying, past the burst's 4
+    for _ in range(5):
+        gate.tried_page(True)
+        assert gate.try_near()
+    assert gate.share >= 0.5  # reopened: every page tries from now on, as long as they stay whole
 
 
 def test_a_closed_page_gate_bursts_less_often_while_bursts_find_little_near() -> None:
@@ -462,7 +482,7 @@ def test_a_closed_page_gate_bursts_less_often_while_bursts_find_little_near() ->
     assert cycles == [4, 8, 16, 32, 32, 32]  # pages from one burst's end to the next one's
     while not gate.try_near():
         pass
-    gate.tried_page(False, near_share=0.6)  # the hot set is coming to fit: burst at the base rate again
+    gate.tried_page(False, near_share=0.9)  # the hot set is coming to fit (half near on average over the burst):
     assert gate.try_near()
-    gate.tried_page(False, near_share=0.1)
+    gate.tried_page(False, near_share=0.2)  # burst at the base rate again
     assert [gate.try_near() for _ in range(3)] == [False, False, True]
