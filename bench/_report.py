@@ -186,6 +186,7 @@ def header_lines(result: dict[str, Any]) -> list[str]:
         f"{w['avg_result_bytes']:,} B average result, loaded in {w['load_s']:.1f} s); Zipf s={w['zipf_s']} over targets, "
         f"s={w['site_zipf_s']} over venues; mixed write rate {w['write_rate']:.0%}",
         f"method: {result['method']['interleaving']}",
+        f"CPU placement: {result['method'].get('placement', 'left to the scheduler')}",
         f"PostgreSQL queries counted by: {result['method']['pg_queries']}",
     ]
 

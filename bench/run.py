@@ -397,6 +397,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching contenders "
                    "(the old service and the floors are always kept, for the ratios)")
     p.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="leave CPU placement to the scheduler (by default this process runs on one CPU, "
+                        "its throwaway servers on the others: bench/_pinning.py)")
     p.add_argument("--runs", type=int, default=1,
                    help="repeat the whole run; results.* show the last, spread.md every figure's median and min-max")
     p.add_argument("--scale", action="store_true",
@@ -452,6 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = WorkloadSpec(size=args.size, seed=args.seed, write_rate=args.write_rate)
     results = []
     with servers() as srv:
+        pinned = None
+        if args.pin and srv.owned_pg and srv.owned_redis:  # only servers this run started are moved
+            from . import _pinning
+
+            pinned = _pinning.pin(_pinning.server_pids(srv.dsn, srv.redis_url))
+        os.environ["TIERED_CACHE_BENCH_PINNED"] = str(pinned)  # the run's method notes say where it ran
         for i in range(args.runs):
             results.append(run(spec, srv, args))
             if args.runs > 1:  # each run whole, then the spread of every figure over them
@@ -473,6 +482,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}"
           + (f", {args.out / 'chart.png'}" if charted else " (no chart: matplotlib is not installed)"))
     return 0
+
+
+def _pinned() -> dict[str, list[int]] | None:
+    import ast
+
+    text = os.environ.get("TIERED_CACHE_BENCH_PINNED", "None")
+    return ast.literal_eval(text) if text != "None" else None
 
 
 def _selected(args: argparse.Namespace) -> tuple[list[Entry], dict[str, str]]:
@@ -638,6 +654,10 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
                              f"each round) after {dims.warmup_s:g} s of warm-up each, until each had {dims.budget_s:g} s "
                              f"per workload; every contender walks the same seeded op stream"),
             "pg_queries": pg_method,
+            "placement": (f"pinned: this process on CPU {pinned['client']}, PostgreSQL and Redis on {pinned['servers']} "
+                          f"(bench/_pinning.py: a cross-core round trip costs ~3x a same-core one here, and left to "
+                          f"the scheduler placement differed by contender)"
+                          if (pinned := _pinned()) else "left to the scheduler (--no-pin, one CPU, or servers not ours)"),
             "cpu": "time.process_time() around each slice (all threads of this process), divided by ops",
             "memory": (f"tracemalloc while each contender runs up to {dims.memory_ops:,} more chat ops (at most 0.5 s), "
                        f"after the timed runs: peak and retained Python heap above the start"),
