@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import _pinning
 
             pinned = _pinning.pin(_pinning.server_pids(srv.dsn, srv.redis_url))
-        os.environ["TIERED_CACHE_BENCH_PINNED"] = str(pinned)  # the run's method notes say where it ran
+        args.pinned = pinned  # the run's method notes say where it ran
         for i in range(args.runs):
             results.append(run(spec, srv, args))
             if args.runs > 1:  # each run whole, then the spread of every figure over them
@@ -482,13 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}"
           + (f", {args.out / 'chart.png'}" if charted else " (no chart: matplotlib is not installed)"))
     return 0
-
-
-def _pinned() -> dict[str, list[int]] | None:
-    import ast
-
-    text = os.environ.get("TIERED_CACHE_BENCH_PINNED", "None")
-    return ast.literal_eval(text) if text != "None" else None
 
 
 def _selected(args: argparse.Namespace) -> tuple[list[Entry], dict[str, str]]:
@@ -657,7 +650,7 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
             "placement": (f"pinned: this process on CPU {pinned['client']}, PostgreSQL and Redis on {pinned['servers']} "
                           f"(bench/_pinning.py: a cross-core round trip costs ~3x a same-core one here, and left to "
                           f"the scheduler placement differed by contender)"
-                          if (pinned := _pinned()) else "left to the scheduler (--no-pin, one CPU, or servers not ours)"),
+                          if (pinned := getattr(args, "pinned", None)) else "left to the scheduler (--no-pin, one CPU, or servers not ours)"),
             "cpu": "time.process_time() around each slice (all threads of this process), divided by ops",
             "memory": (f"tracemalloc while each contender runs up to {dims.memory_ops:,} more chat ops (at most 0.5 s), "
                        f"after the timed runs: peak and retained Python heap above the start"),
