@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -23,6 +25,7 @@ import redis.asyncio as aioredis
 
 from tiered_cache import PostgresStore, TieredCache
 from tiered_cache._async.client import async_redis_client, ready_client
+from tiered_cache._feed import ChangeFeed
 from tiered_cache._async.redis_tier import AsyncRedisTier
 from tiered_cache._sync.client import redis_client
 from tiered_cache.contracts import MISS
@@ -333,22 +336,36 @@ def test_release_deletes_only_its_own_token(tier: RedisTier, backend: Backend) -
 # -- kills --------------------------------------------------------------------------------------
 
 
-def subscribe(backend: Backend, channel: str) -> Any:
-    """A pub/sub on the backend, subscribed (confirmation received)."""
-    pubsub = backend.new_client().pubsub()
-    pubsub.subscribe(channel)
-    got: list[Any] = []
-    wait_until(lambda: got.append(pubsub.get_message(timeout=0.2)) or (got[-1] or {}).get("type") == "subscribe",
-               timeout=30, what="subscribe confirmation")
-    return pubsub
+class _Announcements:
+    """What the tier announces, as a listener receives it (on a cluster: every slot's channel on its primary)."""
+
+    def __init__(self, backend: Backend, channel: str) -> None:
+        self.feed = ChangeFeed(backend.new_client(), channel, timeout=5.0)
+        self.feed.open(threading.Event(), 30.0)
+        self.waiting: list[str] = []
+
+    def next(self) -> str:
+        def arrived() -> bool:
+            self.waiting += [d.decode() if isinstance(d, bytes) else d for d in self.feed.drain(time.monotonic())]
+            if not self.waiting:
+                time.sleep(0.01)
+            return bool(self.waiting)
+
+        wait_until(arrived, timeout=30, what="announcement")
+        return self.waiting.pop(0)
+
+    def close(self) -> None:
+        self.feed.shutdown()
 
 
-def next_message(pubsub: Any) -> str:
-    """The next published message's data, polled with a generous bound."""
-    got: list[Any] = []
-    wait_until(lambda: got.append(pubsub.get_message(timeout=0.2)) or (got[-1] or {}).get("type") == "message",
-               timeout=30, what="announcement")
-    return got[-1]["data"].decode()  # type: ignore[no-any-return]
+def subscribe(backend: Backend, channel: str) -> _Announcements:
+    """Subscribed (every confirmation received) wherever the tier announces."""
+    return _Announcements(backend, channel)
+
+
+def next_message(pubsub: _Announcements) -> str:
+    """The next announcement's data, polled with a generous bound."""
+    return pubsub.next()
 
 
 def seed_all_keys(tier: RedisTier, ks: KeySet) -> None:

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 
 from . import _fork
-from ._deployment import close_sync, identity, sync_client
+from ._deployment import identity
+from ._feed import ChangeFeed
 from .policy.failures import REDIS_FAILURES
 
 logger = logging.getLogger(__name__)
@@ -116,25 +118,19 @@ class WakeBus:
     def _run(self) -> None:
         backoff = 0.05
         while not self._idle():
-            client = None
+            feed = ChangeFeed(self._source, self.channel, timeout=2.0)
             try:
-                client = sync_client(self._source, max_connections=1, blocking=False, timeout=2.0)  # a cluster connects here
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.channel)
+                feed.open(self._stop, 5.0)  # a cluster connects here, and subscribes on every shard
+                self.subscribed.set()
                 backoff = 0.05
                 while self._waiters and not self._stop.is_set():  # a hint; _idle() decides under the lock
-                    msg = pubsub.get_message(timeout=0.2)
-                    if msg is None:
-                        if not self.subscribed.is_set() and pubsub.subscribed:
-                            self.subscribed.set()
-                        continue
-                    self.subscribed.set()
-                    if msg["type"] != "message":
-                        continue
-                    data = msg["data"]
-                    key = (data.decode() if isinstance(data, bytes) else data).split(":", 2)[-1]
-                    if key:
-                        self._wake(None if key == "*" else key)
+                    found = feed.drain(time.monotonic()) if feed.fds else feed.read_waiting(0.2)
+                    for data in found:
+                        key = (data.decode() if isinstance(data, bytes) else data).split(":", 2)[-1]
+                        if key:
+                            self._wake(None if key == "*" else key)
+                    if feed.fds and not found:
+                        feed.wait(0.2)
             except (*REDIS_FAILURES, OSError, ValueError) as exc:
                 logger.debug("wakeups: %s: %s; waiters fall back to polling", type(exc).__name__, exc)
                 self.subscribed.clear()
@@ -142,8 +138,7 @@ class WakeBus:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                if client is not None:
-                    close_sync(client)
+                feed.shutdown()
 
     def _after_fork_in_child(self) -> None:
         """A forked child has no thread: it starts its own bus on first use (see bus_for)."""

@@ -8,13 +8,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import observe
-from ._deployment import close_sync, sync_client
+from ._feed import ChangeFeed
 from .tiers.near import NearTier
 from .policy.failures import REDIS_FAILURES
 
@@ -66,20 +65,19 @@ class _Sequence:
 
 
 class CoherenceListener:
-    """Subscribes to the change channel; a gap in a publisher's sequence, a lost connection or a new Redis run id flushes."""
+    """Subscribes to the change feed; a gap in a publisher's sequence, a lost link or a new Redis run id flushes."""
 
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
                  gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
         # A thread of its own on sync connections, whichever API the caches use (see _sync_client).
         # A pub/sub read waits for messages, not for an answer.
         self._source, self._read_timeout = client, max(1.0, poll * 5)
-        self._client = self._new_client()
         self.channel = channel
+        self.feed = ChangeFeed(client, channel, timeout=self._read_timeout)
         self.near = near
         self.poll = poll
         # A silently dead link (no RST) delivers nothing: a PING unanswered for 3 intervals counts as lost.
         self.health = health
-        self._last_heard = 0.0
         self._last_ping = 0.0
         self.stats = ListenerStats()
         # Least recently heard first, so forgetting silent publishers looks only at the front; and apart,
@@ -90,22 +88,18 @@ class CoherenceListener:
         #: A publisher silent this long (short-lived peer processes) is forgotten; its next message is a new
         #: baseline, as after our own subscription, so a loss right then is bounded by near_max_age alone.
         self.publisher_ttl = publisher_ttl
-        self._run_id: str | None = None
+        self._run_ids: tuple[str, ...] | None = None
         self._stop = threading.Event()
-        self._pubsub: Any = None
-        # Held while anything reads or writes the subscription (this thread's drain, a reader's poll_now):
+        self._open = False
+        # Held while anything reads or writes the subscriptions (this thread's drain, a reader's poll_now):
         # never while waiting, so a reader that finds it held knows announcements are being applied now.
         self._lock = threading.Lock()
-        self._poller: Any = None  # select.poll on the subscription socket, for this thread's waits
-        self._fd: int | None = None  # that socket, for readers (a poll object must not be shared by threads)
+        self._fds: tuple[int, ...] = ()  # the feed's sockets, for readers to check (empty while not subscribed)
         near.poll_announcements = self.poll_now
         self._thread = threading.Thread(target=self._run, name="tiered_cache-coherence", daemon=True)
         self.subscribed = threading.Event()
         self.namespace = channel.rsplit(":", 1)[0]  # for log records
         self._lost_since = observe.Episode()
-
-    def _new_client(self) -> redis.Redis:
-        return sync_client(self._source, max_connections=2, blocking=False, timeout=self._read_timeout)
 
     def start(self) -> CoherenceListener:
         self._thread.start()
@@ -119,9 +113,10 @@ class CoherenceListener:
         """
         running = self._thread.ident is not None and not self._stop.is_set()
         self._lock = threading.Lock()  # the parent's thread may have held it at fork time
-        self._poller = self._fd = None  # the parent's socket: a reader must never poll or read it here
-        self._pubsub = None
-        self._client = self._new_client()
+        self._fds = ()  # the parent's sockets: a reader must never poll or read them here
+        self._open = False
+        self.feed.forget()
+        self.feed = ChangeFeed(self._source, self.channel, timeout=self._read_timeout)
         self._publishers.clear()
         self._holes.clear()
         self._stop = threading.Event()
@@ -131,31 +126,19 @@ class CoherenceListener:
             self._thread.start()
 
     def _subscribe(self) -> None:
-        """Connect, note Redis's run id, subscribe; the near tier turns on only after the confirmation."""
-        try:
-            run_id = self._client.info("server").get("run_id")
-        except redis.ResponseError:  # INFO renamed away, or fakeredis (which has none): no restart check here
-            run_id = None
-        if self._run_id is not None and run_id != self._run_id:
+        """Subscribe everywhere, note the servers' run ids; the near tier turns on only after every confirmation."""
+        self.feed.open(self._stop, 3 * self.health + self.poll)
+        self._open = True
+        if self._run_ids is not None and self.feed.servers != self._run_ids:
             self.stats.restarts_seen += 1
             observe.near_flushed(self.namespace, "restart")
-        self._run_id = run_id
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        self._pubsub.subscribe(self.channel)
-        deadline = time.monotonic() + 3 * self.health + self.poll
-        while not self._stop.is_set():
-            msg = self._pubsub.get_message(timeout=self.poll)
-            if msg and msg["type"] == "subscribe":
-                break
-            if time.monotonic() > deadline:
-                raise RedisConnectionError("no subscribe confirmation on the change channel")
-        self._last_heard = self._last_ping = time.monotonic()
-        fd, poller = _socket_of(self._pubsub)
+        self._run_ids = self.feed.servers
+        self._last_ping = time.monotonic()
         # Anything announced before this point may have been missed: start from empty.
         self._publishers.clear()
         self._holes.clear()
         self.near.flush()
-        self._poller, self._fd = poller, fd
+        self._fds = self.feed.fds
         self.near.active = True
         self.subscribed.set()
         seconds = self._lost_since.end()
@@ -165,15 +148,11 @@ class CoherenceListener:
     def _lost(self) -> None:
         """The listener cannot vouch for the near tier any more: switch it off and empty it."""
         self.near.active = False
-        self._poller = self._fd = None
+        self._fds = ()
         self.subscribed.clear()
         self.near.flush()
-        if self._pubsub is not None:
-            try:
-                self._pubsub.close()
-            except Exception:  # a broken connection may fail to close; it is dropped either way
-                pass
-            self._pubsub = None
+        self.feed.close()
+        self._open = False
 
     def handle(self, data: bytes | str, now: float | None = None) -> None:
         """Apply one announcement 'publisher:seq:entry_key' ('*' as the key flushes everything)."""
@@ -224,15 +203,15 @@ class CoherenceListener:
         no entry whose eviction has already arrived: the listener thread alone would first have to win the
         GIL from the busy thread, once per blocking call (about 5 ms each at the default switch interval).
         """
-        if self._fd is None:
+        if not self._fds:
             return
-        # Under the lock (uncontended but for a drain under way, which we must wait for anyway): the socket is
-        # closed only under it, so the descriptor checked is the subscription's, never a closed or reused one.
+        # Under the lock (uncontended but for a drain under way, which we must wait for anyway): the sockets are
+        # closed only under it, so the descriptors checked are the feed's, never closed or reused ones.
         with self._lock:
-            fd = self._fd
-            if fd is not None:
+            fds = self._fds
+            if fds:
                 try:
-                    if select.select((fd,), (), (), 0)[0]:
+                    if select.select(fds, (), (), 0)[0]:
                         self._drain(time.monotonic())
                 except (*REDIS_FAILURES, OSError, ValueError) as exc:
                     # The listener thread finds the same fault on its next read and reconnects; until then
@@ -243,19 +222,14 @@ class CoherenceListener:
 
     def _drain(self, now: float) -> None:
         """Apply every message already received (under the lock); returns when none is waiting."""
-        while True:
-            msg = self._pubsub.get_message(timeout=0)
-            if not msg:
-                return
-            self._last_heard = now
-            if msg["type"] == "message":
-                self.handle(msg["data"], now)
+        for data in self.feed.drain(now):
+            self.handle(data, now)
 
     def _run(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                if self._pubsub is None:
+                if not self._open:
                     self._subscribe()
                     backoff = 0.05
                 if not self.near.active:  # a poll_now found the link broken
@@ -266,18 +240,16 @@ class CoherenceListener:
                     self.check_gaps(now)
                     if now - self._last_ping >= self.health:
                         self._last_ping = now
-                        self._pubsub.ping()
-                if now - self._last_heard > 3 * self.health + self.poll:
-                    raise RedisConnectionError(f"no answer on the change channel for {now - self._last_heard:.1f} s")
-                if self._poller is not None:
-                    self._poller.poll(self.poll * 1000)  # wait without the lock (and without the GIL)
+                        self.feed.ping()
+                silent = self.feed.unheard(now, 3 * self.health + self.poll)
+                if silent is not None:
+                    raise RedisConnectionError(f"change feed: {silent}")
+                if self.feed.fds:
+                    self.feed.wait(self.poll)  # without the lock (and without the GIL)
                 else:  # no OS socket to wait on (fakeredis): the client waits, and readers do not poll
                     with self._lock:
-                        msg = self._pubsub.get_message(timeout=self.poll)
-                        if msg:
-                            self._last_heard = time.monotonic()
-                            if msg["type"] == "message":
-                                self.handle(msg["data"], self._last_heard)
+                        for data in self.feed.read_waiting(self.poll):
+                            self.handle(data, time.monotonic())
             except (*REDIS_FAILURES, OSError, ValueError) as exc:
                 self.stats.reconnects += 1
                 if self._lost_since.begin():
@@ -295,16 +267,5 @@ class CoherenceListener:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.poll * 5 + 1)
-        close_sync(self._client)
+        self.feed.shutdown()
 
-
-def _socket_of(pubsub: Any) -> tuple[int | None, Any]:
-    """The subscription's OS socket and a poll object on it; (None, None) for a client without one (fakeredis)."""
-    try:
-        fd = pubsub.connection._sock.fileno()
-        select.select((fd,), (), (), 0)
-    except (AttributeError, OSError, ValueError, TypeError):
-        return None, None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return fd, poller

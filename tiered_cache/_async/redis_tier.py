@@ -50,7 +50,8 @@ from ..policy.entries import expires_at_ms
 from ..policy.failures import SATURATED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
 from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
-from ..tiers.lua_scripts import FILL_SCRIPT
+from ..tiers.lua_scripts import (CLUSTER_KILL_SCRIPT, CLUSTER_WRITE_THROUGH_SCRIPT, FILL_SCRIPT, KILL_SCRIPT,
+                                 WRITE_THROUGH_SCRIPT)
 from .lua import evalsha, run_pipeline, send
 from .owed import AsyncOwedKills
 from .probe import AsyncWriteProbe
@@ -94,6 +95,9 @@ class AsyncRedisTier(AsyncRedisWrites):
         self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
         self.cluster = is_cluster(client)  # multi-key reads go out per slot, one pipeline per node
+        # On a cluster a change is announced in its key's shard (lua_scripts.py, _feed.py).
+        self._kill_script = CLUSTER_KILL_SCRIPT if self.cluster else KILL_SCRIPT
+        self._write_through_script = CLUSTER_WRITE_THROUGH_SCRIPT if self.cluster else WRITE_THROUGH_SCRIPT
         self.keys = keys
         self.negative_ms = int(negative_ttl * 1000)
         self.no_expiry_ms = int(no_expiry_ttl * 1000)

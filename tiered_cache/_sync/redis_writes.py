@@ -20,7 +20,8 @@ from ..policy.entries import encode_entry
 from ..policy.failures import BUSY, OUTAGE, WRITES_REFUSED, classify
 from ..policy.keys import KeySet
 from ..tiers._redis_shared import CONTENDED, RETRY_EVERY
-from ..tiers.lua_scripts import KILL_SCRIPT, RELEASE_SCRIPT, WRITE_THROUGH_SCRIPT
+from ..policy.slot_channels import key_channel
+from ..tiers.lua_scripts import RELEASE_SCRIPT
 from .lua import evalsha, run_pipeline
 from .runwatch import drop_everywhere
 from ..policy.failures import REDIS_FAILURES
@@ -62,6 +63,12 @@ class RedisWrites:
             return
         self._ok()
 
+    def _channel_of(self, ks: KeySet) -> str:
+        """Where a script announces a change of ks: the change channel, or on a cluster its slot's channel."""
+        if self.cluster and self.channel:
+            return key_channel(self.channel, ks.entry)
+        return self.channel
+
     def write_through(self, ks: KeySet, token: Any, latest: Row | None, txid: str | None = None) -> None:
         """After a commit: drop every entry and lease of the key and store `latest` if our lease stood.
 
@@ -79,8 +86,8 @@ class RedisWrites:
             value = encode_entry(latest)
             try:
                 evalsha(
-                    self.client, WRITE_THROUGH_SCRIPT, ks.all,
-                    (token, value, mode, ms, self.channel, self._message(ks.entry), txid or ""))
+                    self.client, self._write_through_script, ks.all,
+                    (token, value, mode, ms, self._channel_of(ks), self._message(ks.entry), txid or ""))
             except REDIS_FAILURES as exc:
                 kind = self._failed(exc)
                 if kind is OUTAGE or kind is WRITES_REFUSED:  # a kill now would fail the same way
@@ -134,7 +141,8 @@ class RedisWrites:
         for i, ks in enumerate(keysets):
             message = self._message(ks.entry)
             noop = message[: len(message) - len(ks.entry)]
-            commands.append((KILL_SCRIPT, (ks.all, (self.channel, message, scope, txids[i] if txids else "", noop))))
+            commands.append((self._kill_script,
+                             (ks.all, (self._channel_of(ks), message, scope, txids[i] if txids else "", noop))))
         try:
             results = run_pipeline(self.client, commands, strict=True)  # type: ignore[arg-type]
             if any(r not in (0, 1) for r in results):

@@ -103,5 +103,25 @@ KILL_SCRIPT, WRITE_THROUGH_SCRIPT, FILL_SCRIPT, RELEASE_SCRIPT = (
     Script(s) for s in (KILL, WRITE_THROUGH, FILL, RELEASE)
 )
 
+# On a Redis Cluster the channel given is the key's slot channel ('<channel>:{<tag>}', _feed.py): from
+# Redis 7 the announcement stays in the key's shard (SPUBLISH); an older node announces on the classic
+# channel, which every node relays. Each node decides for itself, so a mixed cluster is covered too.
+_ANNOUNCE = """
+local function announce(channel, message)
+  if redis.REDIS_VERSION_NUM ~= nil and redis.REDIS_VERSION_NUM >= 0x070000 then
+    redis.call('SPUBLISH', channel, message)
+  else
+    redis.call('PUBLISH', string.match(channel, '^(.*):{%d+}$') or channel, message)
+  end
+end
+"""
+
+
+def _sharded(text: str) -> Script:
+    return Script(_ANNOUNCE + text.replace("redis.call('PUBLISH', ", "announce("))
+
+
+CLUSTER_KILL_SCRIPT, CLUSTER_WRITE_THROUGH_SCRIPT = _sharded(KILL), _sharded(WRITE_THROUGH)
+
 
 Command = tuple["Script | str", tuple[Any, ...]]
