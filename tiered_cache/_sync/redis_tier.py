@@ -51,6 +51,7 @@ from ..policy.entries import expires_at_ms
 from ..policy.failures import SATURATED, Failure, classify
 from ..policy.keys import KeySet, KeySpace
 from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
+from ..policy.slot_channels import slot_tags
 from ..tiers.lua_scripts import (CLUSTER_KILL_SCRIPT, CLUSTER_WRITE_THROUGH_SCRIPT, FILL_SCRIPT, KILL_SCRIPT,
                                  WRITE_THROUGH_SCRIPT)
 from .lua import evalsha, run_pipeline, send
@@ -111,6 +112,8 @@ class RedisTier(RedisWrites):
         self._breaker_open = observe.Episode()
         self._owing = observe.Episode()
         self.channel = keys.channel if announce else ""
+        if self.cluster and self.channel:
+            slot_tags()  # the slot channels' table (~70 ms, once per process) now, not in the first write
         watch = watch_of(client)
         if isinstance(watch, RunWatch):
             watch.watch(keys.namespace, self.channel)
