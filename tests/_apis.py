@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-_WRAPPED_MODULES = ("tiered_cache._async", "redis.asyncio", "psycopg_pool.pool_async")
+_WRAPPED_MODULES = ("tiered_cache._async", "tiered_cache._lean", "redis.asyncio", "psycopg_pool.pool_async")
 
 
 class LoopThread:

@@ -54,6 +54,8 @@ NAMES = {
     "await_wait": "wait",
     # tiers/_redis_cluster.py (issue 13): redis-py's cluster clients differ in how they take a connect callback
     "acluster_client": "cluster_client",
+    # tiered_cache/_lean.py: the async pool's checkout fast path; the sync pool is redis-py's own, marked
+    "ALeanPool": "LeanPool",
 }
 
 #: Whole import lines whose sync form is not a token-for-token rename.

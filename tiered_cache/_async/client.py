@@ -13,8 +13,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+try:  # redis-py >= 7: "auto" maintenance notifications skip the pool's dirty-connection check and cost a handshake
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - an older redis-py has neither
+    MaintNotificationsConfig = None
+
 from .._acompat import acallback
 from .._deployment import is_cluster
+from .._lean import ALeanPool
 from ..tiers._redis_cluster import acluster_client, parse
 from .runwatch import AsyncClusterRunWatch, AsyncRunWatch
 from ..policy.failures import REDIS_FAILURES
@@ -44,8 +50,9 @@ def async_redis_client(url: str, *, timeout: float = 0.05, max_connections: int 
             bounded["connection_class"] = aioredis.sentinel.SentinelManagedSSLConnection
         return manager.master_for(topology.service, max_connections=max_connections, db=topology.db,
                                   redis_connect_func=watch, **bounded, **topology.options)
-    pool = aioredis.BlockingConnectionPool.from_url(url, redis_connect_func=watch, max_connections=max_connections,
-                                                    timeout=timeout, **bounded)
+    if MaintNotificationsConfig is not None:  # a connection handed back with a reply unread is then reconnected
+        bounded["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    pool = ALeanPool.from_url(url, redis_connect_func=watch, max_connections=max_connections, timeout=timeout, **bounded)
     return aioredis.Redis(connection_pool=pool)
 
 

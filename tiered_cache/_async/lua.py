@@ -54,3 +54,17 @@ async def send(client: aioredis.Redis, commands: list[Command]) -> list[Any]:
         else:
             pipe.execute_command(command, *args)
     return await pipe.execute(raise_on_error=False)
+
+
+async def packed_read(pool: Any, packed: bytes) -> Any:
+    """One read, packed by _lean.Packer, on a pooled connection: redis-py's connection and error rules, not its per-call bookkeeping.
+
+    send_packed_command and read_response disconnect on any failure and raise redis-py's exceptions (an error
+    reply raises ResponseError), so failures classify exactly as execute_command's do.
+    """
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command([packed], False)
+        return await connection.read_response()
+    finally:
+        await pool.release(connection)

@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .. import _fork, observe
+from .._lean import ALeanPool, Packer
 from .._deployment import is_cluster, watch_of
 from ..contracts import DOWN, MISS, Row
 from ..errors import ConfigurationError
@@ -53,7 +54,7 @@ from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
 from ..policy.slot_channels import slot_tags
 from ..tiers.lua_scripts import (CLUSTER_KILL_SCRIPT, CLUSTER_WRITE_THROUGH_SCRIPT, FILL_SCRIPT, KILL_SCRIPT,
                                  WRITE_THROUGH_SCRIPT)
-from .lua import evalsha, run_pipeline, send
+from .lua import evalsha, packed_read, run_pipeline, send
 from .owed import AsyncOwedKills
 from .probe import AsyncWriteProbe
 from .redis_writes import AsyncRedisWrites
@@ -96,6 +97,9 @@ class AsyncRedisTier(AsyncRedisWrites):
         self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
         self.cluster = is_cluster(client)  # multi-key reads go out per slot, one pipeline per node
+        # One server through our own pool: hit-path reads go out packed from remembered key bytes (_lean.py).
+        self._pool = getattr(client, "connection_pool", None)
+        self._packer = Packer() if isinstance(self._pool, ALeanPool) and not self.cluster else None
         # On a cluster a change is announced in its key's shard (lua_scripts.py, _feed.py).
         self._kill_script = CLUSTER_KILL_SCRIPT if self.cluster else KILL_SCRIPT
         self._write_through_script = CLUSTER_WRITE_THROUGH_SCRIPT if self.cluster else WRITE_THROUGH_SCRIPT
@@ -242,10 +246,13 @@ class AsyncRedisTier(AsyncRedisWrites):
         if (self._pending or watch.refusing or self.breaker.state is not CLOSED) and not await self._usable():
             return DOWN
         try:
-            if _monotonic() < watch.probe_due:
-                raw = await self.client.execute_command(command, *args)
-            else:
+            if _monotonic() >= watch.probe_due:
                 raw = await self._probed(command, args)
+            elif self._packer is not None:
+                packed = self._packer.get(args[0]) if command == "GET" else self._packer.hget(*args)
+                raw = await packed_read(self._pool, packed)
+            else:
+                raw = await self.client.execute_command(command, *args)
         except REDIS_FAILURES as exc:
             await self._failed(exc)
             return DOWN
@@ -272,7 +279,10 @@ class AsyncRedisTier(AsyncRedisWrites):
             if self.cluster:
                 raws = await self._mget_slots(keys, _monotonic() >= watch.probe_due)
             elif _monotonic() < watch.probe_due:
-                raws = await self.client.execute_command("MGET", *keys)
+                if self._packer is not None:
+                    raws = await packed_read(self._pool, self._packer.mget(keys))
+                else:
+                    raws = await self.client.execute_command("MGET", *keys)
             else:
                 raws = await self._probed("MGET", tuple(keys))
         except REDIS_FAILURES as exc:

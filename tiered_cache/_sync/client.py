@@ -14,8 +14,14 @@ import redis
 from redis.retry import Retry
 from redis.backoff import NoBackoff
 
+try:  # redis-py >= 7: "auto" maintenance notifications skip the pool's dirty-connection check and cost a handshake
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - an older redis-py has neither
+    MaintNotificationsConfig = None
+
 from .._acompat import callback
 from .._deployment import is_cluster
+from .._lean import LeanPool
 from ..tiers._redis_cluster import cluster_client, parse
 from .runwatch import ClusterRunWatch, RunWatch
 from ..policy.failures import REDIS_FAILURES
@@ -45,8 +51,9 @@ def redis_client(url: str, *, timeout: float = 0.05, max_connections: int = 64) 
             bounded["connection_class"] = redis.sentinel.SentinelManagedSSLConnection
         return manager.master_for(topology.service, max_connections=max_connections, db=topology.db,
                                   redis_connect_func=watch, **bounded, **topology.options)
-    pool = redis.BlockingConnectionPool.from_url(url, redis_connect_func=watch, max_connections=max_connections,
-                                                    timeout=timeout, **bounded)
+    if MaintNotificationsConfig is not None:  # a connection handed back with a reply unread is then reconnected
+        bounded["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    pool = LeanPool.from_url(url, redis_connect_func=watch, max_connections=max_connections, timeout=timeout, **bounded)
     return redis.Redis(connection_pool=pool)
 
 

@@ -55,3 +55,17 @@ def send(client: redis.Redis, commands: list[Command]) -> list[Any]:
         else:
             pipe.execute_command(command, *args)
     return pipe.execute(raise_on_error=False)
+
+
+def packed_read(pool: Any, packed: bytes) -> Any:
+    """One read, packed by _lean.Packer, on a pooled connection: redis-py's connection and error rules, not its per-call bookkeeping.
+
+    send_packed_command and read_response disconnect on any failure and raise redis-py's exceptions (an error
+    reply raises ResponseError), so failures classify exactly as execute_command's do.
+    """
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command([packed], False)
+        return connection.read_response()
+    finally:
+        pool.release(connection)

@@ -43,6 +43,7 @@ import redis
 from redis.exceptions import RedisError
 
 from .. import _fork, observe
+from .._lean import LeanPool, Packer
 from .._deployment import is_cluster, watch_of
 from ..contracts import DOWN, MISS, Row
 from ..errors import ConfigurationError
@@ -54,7 +55,7 @@ from ..tiers._redis_shared import CONTENDED, NAMESPACE, RedisStats
 from ..policy.slot_channels import slot_tags
 from ..tiers.lua_scripts import (CLUSTER_KILL_SCRIPT, CLUSTER_WRITE_THROUGH_SCRIPT, FILL_SCRIPT, KILL_SCRIPT,
                                  WRITE_THROUGH_SCRIPT)
-from .lua import evalsha, run_pipeline, send
+from .lua import evalsha, packed_read, run_pipeline, send
 from .owed import OwedKills
 from .probe import WriteProbe
 from .redis_writes import RedisWrites
@@ -97,6 +98,9 @@ class RedisTier(RedisWrites):
         self._pending = self._owed.keys  # the same dict, read on the hit path
         self.client = client
         self.cluster = is_cluster(client)  # multi-key reads go out per slot, one pipeline per node
+        # One server through our own pool: hit-path reads go out packed from remembered key bytes (_lean.py).
+        self._pool = getattr(client, "connection_pool", None)
+        self._packer = Packer() if isinstance(self._pool, LeanPool) and not self.cluster else None
         # On a cluster a change is announced in its key's shard (lua_scripts.py, _feed.py).
         self._kill_script = CLUSTER_KILL_SCRIPT if self.cluster else KILL_SCRIPT
         self._write_through_script = CLUSTER_WRITE_THROUGH_SCRIPT if self.cluster else WRITE_THROUGH_SCRIPT
@@ -243,10 +247,13 @@ class RedisTier(RedisWrites):
         if (self._pending or watch.refusing or self.breaker.state is not CLOSED) and not self._usable():
             return DOWN
         try:
-            if _monotonic() < watch.probe_due:
-                raw = self.client.execute_command(command, *args)
-            else:
+            if _monotonic() >= watch.probe_due:
                 raw = self._probed(command, args)
+            elif self._packer is not None:
+                packed = self._packer.get(args[0]) if command == "GET" else self._packer.hget(*args)
+                raw = packed_read(self._pool, packed)
+            else:
+                raw = self.client.execute_command(command, *args)
         except REDIS_FAILURES as exc:
             self._failed(exc)
             return DOWN
@@ -273,7 +280,10 @@ class RedisTier(RedisWrites):
             if self.cluster:
                 raws = self._mget_slots(keys, _monotonic() >= watch.probe_due)
             elif _monotonic() < watch.probe_due:
-                raws = self.client.execute_command("MGET", *keys)
+                if self._packer is not None:
+                    raws = packed_read(self._pool, self._packer.mget(keys))
+                else:
+                    raws = self.client.execute_command("MGET", *keys)
             else:
                 raws = self._probed("MGET", tuple(keys))
         except REDIS_FAILURES as exc:
