@@ -78,3 +78,24 @@ def test_on_zipf_traffic_over_a_working_set_14x_the_tier_it_hits_more_than_plain
           f"LRU + TinyLFU hits {admitted:.1%} with {admitted_puts} puts")
     assert admitted > plain  # more hits
     assert admitted_puts * 2 < plain_puts  # and most of the puts that would not pay are skipped
+
+
+def test_an_expired_victim_gives_way_to_any_newcomer() -> None:
+    """Entries live at most max_age, so a full tier's LRU end is often dead: a newcomer takes its place even if
+    the dead key was asked for more often (the doorkeeper would otherwise keep every new key out)."""
+    from tiered_cache.contracts import MISS
+    from tiered_cache.tiers.near import NearTier
+
+    now = [0.0]
+    near = NearTier(max_entries=2, max_bytes=1 << 20, max_age=2.0, timer=lambda: now[0], wall_clock=lambda: 1e9)
+    near.active = True
+    for key in ("hot", "warm"):
+        near.put(key, b"x", None, near.epoch)
+    for _ in range(10):
+        near.get_raw("hot")
+        near.get_raw("warm")
+    near.put("cold", b"x", None, near.epoch)  # alive victim, asked for more: rejected
+    assert near.stats.puts_rejected == 1 and near.get_raw("cold") is MISS
+    now[0] = 5.0  # both entries are past max_age
+    near.put("cold", b"y", None, near.epoch)
+    assert near.stats.puts_rejected == 1 and near.get_raw("cold") == b"y"

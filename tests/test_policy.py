@@ -486,3 +486,45 @@ def test_a_closed_page_gate_bursts_less_often_while_bursts_find_little_near() ->
     assert gate.try_near()
     gate.tried_page(False, near_share=0.2)  # burst at the base rate again
     assert [gate.try_near() for _ in range(3)] == [False, False, True]
+
+
+def test_key_gate_closes_when_single_reads_rarely_hit_and_bursts_less_often_while_they_still_do_not() -> None:
+    from tiered_cache.policy.page_gate import KeyGate
+
+    gate = KeyGate(threshold=0.2, burst=4, interval=8, max_interval=32, alpha=0.5)
+    for _ in range(10):
+        assert gate.try_near()
+        gate.tried_read(True)
+    while gate.share >= 0.2:
+        assert gate.try_near()
+        gate.tried_read(False)
+    cycles = []
+    for _ in range(5):
+        n = 1
+        while not gate.try_near():
+            n += 1
+        gate.tried_read(False)
+        for _ in range(3):  # the rest of the burst tries too
+            assert gate.try_near()
+            gate.tried_read(False)
+        cycles.append(n)
+    assert cycles == [8, 16, 32, 32, 32]  # reads skipped before each burst, doubling while bursts miss
+    assert gate.skipped == sum(cycles) - len(cycles) and gate.tried >= 20
+
+
+def test_key_gate_reopens_when_a_burst_finds_the_near_tier_answering() -> None:
+    """A hot set that fits again: the burst's reads hit, the gate opens, and every read tries from then on."""
+    from tiered_cache.policy.page_gate import KeyGate
+
+    gate = KeyGate(threshold=0.2, burst=8, interval=4, alpha=0.25)
+    while gate.share >= 0.2:
+        gate.try_near()
+        gate.tried_read(False)
+    while not gate.try_near():
+        pass
+    gate.tried_read(False)  # the first read of the burst fills the tier
+    for _ in range(3):
+        assert gate.try_near()
+        gate.tried_read(True)
+    assert gate.share >= 0.2
+    assert all(gate.try_near() for _ in range(50))  # open: no burst needed

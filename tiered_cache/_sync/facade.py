@@ -25,7 +25,7 @@ from ..policy.breaker import CircuitBreaker
 from ..policy.entries import NEGATIVE, decode, encode, encode_entry, entry_expires_at_ms, expires_at_ms
 from ..policy.key_memo import KeyMemo
 from ..policy.keys import KeySet, KeySpace
-from ..policy.page_gate import PageGate
+from ..policy.page_gate import KeyGate, PageGate
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from . import regenerating
@@ -98,6 +98,7 @@ class TieredCache(Generations, CacheWrites):
         self.listener: CoherenceListener | None = self._share.listener
         self._init_generations()
         self._pages = PageGate()  # get_many tries the near tier only while it answers whole pages
+        self._reads = KeyGate()  # and get_latest / get_history only while it answers often enough
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
@@ -133,15 +134,13 @@ class TieredCache(Generations, CacheWrites):
                           as_json: bool = False) -> tuple[Any, str, str]:
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         near = self.near
+        if near is not None and not self._reads.try_near():
+            near = None  # the near tier rarely answers single reads now: Redis alone (see policy/page_gate)
         if near is not None:
-            if as_json:
-                found = near.get_raw(entry)
-                if found is not MISS:
-                    return (None if found == NEGATIVE else found), "near", "hit"
-            else:
-                found = near.get(entry)
-                if found is not MISS:
-                    return found, "near", "hit"
+            found = near.get_raw(entry) if as_json else near.get(entry)
+            self._reads.tried_read(found is not MISS)
+            if found is not MISS:
+                return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = self.redis.get_raw(entry)
         if raw is not MISS and raw is not DOWN:
@@ -297,8 +296,11 @@ class TieredCache(Generations, CacheWrites):
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
+        if near is not None and not self._reads.try_near():
+            near = None
         if near is not None:
             found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
+            self._reads.tried_read(found is not MISS)
             if found is not MISS:
                 return found, "near", "hit"
             epoch, started = near.epoch, near.timer()

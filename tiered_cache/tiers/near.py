@@ -53,6 +53,11 @@ class _LRU(LRUCache):  # type: ignore[type-arg]
         order = getattr(self, "_LRUCache__order", None)  # cachetools' own order; None if it ever moves
         return next(iter(order), None) if order else None
 
+    def peek(self, key: str) -> Any:
+        """An entry without touching its recency (None if absent)."""
+        data = getattr(self, "_Cache__data", None)  # cachetools' own store; a plain get if it ever moves
+        return data.get(key) if data is not None else self.get(key)
+
 
 def check_bounds(max_entries: int, max_bytes: int, max_age: float) -> None:
     """Refuse bounds no near tier can have (before a shared tier is looked up, so it is never silent)."""
@@ -157,8 +162,10 @@ class NearTier:
                     and cache.currsize + max(len(raw), self._floor) > cache.maxsize:
                 victim = cache.victim()
                 if victim is not None and not self._lfu.admit(key, victim):
-                    self.stats.puts_rejected += 1
-                    return
+                    held = cache.peek(victim)
+                    if held is not None and held[0] > now:  # an expired victim is no loss, however often asked
+                        self.stats.puts_rejected += 1
+                        return
             try:
                 self._cache[key] = (deadline, raw)
             except ValueError:  # value too large for the whole cache
