@@ -96,7 +96,7 @@ class KeyGate:
     __slots__ = ("threshold", "burst", "base_interval", "max_interval", "interval", "alpha", "share",
                  "_skipped", "_burst_left", "_burst_hits", "tried", "skipped")
 
-    def __init__(self, *, threshold: float = 0.2, burst: int = 256, interval: int = 4096,
+    def __init__(self, *, threshold: float = 0.2, burst: int = 256, interval: int = 512,
                  max_interval: int = 65536, alpha: float = 1 / 64) -> None:
         self.threshold = threshold
         self.burst = burst
