@@ -97,7 +97,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         self.listener: CoherenceListener | None = self._share.listener
         self._init_generations()
         self._pages = PageGate()  # get_many tries the near tier only while it answers whole pages
-        self._reads = KeyGate()  # and get_latest / get_history only while it answers often enough
+        self._reads = KeyGate(warm=near_max_entries or 10_000)  # and get_latest / get_history only while it hits
 
     @classmethod
     async def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,

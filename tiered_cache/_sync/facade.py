@@ -98,7 +98,7 @@ class TieredCache(Generations, CacheWrites):
         self.listener: CoherenceListener | None = self._share.listener
         self._init_generations()
         self._pages = PageGate()  # get_many tries the near tier only while it answers whole pages
-        self._reads = KeyGate()  # and get_latest / get_history only while it answers often enough
+        self._reads = KeyGate(warm=near_max_entries or 10_000)  # and get_latest / get_history only while it hits
 
     @classmethod
     def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,

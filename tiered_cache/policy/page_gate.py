@@ -87,22 +87,24 @@ class KeyGate:
     put, and buffers kept out of the allocator's warm reuse), so near + Redis ran 1-5% slower than Redis.
     So a read tries the near tier only while `threshold` of tried reads hit (0.3: above that break-even);
     a closed gate skips the lookup and the put. Before each burst of `burst` tried reads (once every
-    `interval` reads) come `warm` reads that put without looking, so the burst meets a tier filled with
-    what was read just before it, as an open one would be (a burst on an emptied tier never reopened it).
-    A burst that hit less than `threshold` doubles the interval, up to `max_interval`; one that did resets
-    it. Skipping the near tier is always safe. Plain counters, no lock, as PageGate.
+    `interval` reads, 2 x warm) come `warm` reads that put without looking, so the burst meets a tier filled
+    as an open one would be: `warm` is the tier's max_entries, the most an open tier holds (512 warm reads
+    left Zipf chat turns, 90% near hits when open, under the threshold: the gate never reopened). A burst
+    that hit less than `threshold` doubles the interval, up to `max_interval` (32 x warm: puts in 1 read of
+    32). Skipping the near tier is always safe. Plain counters, no lock, as PageGate.
     """
 
     __slots__ = ("threshold", "burst", "warm", "base_interval", "max_interval", "interval", "alpha", "share",
                  "_skipped", "_burst_left", "_burst_hits", "tried", "skipped")
 
-    def __init__(self, *, threshold: float = 0.3, burst: int = 256, warm: int = 512, interval: int = 1024,
-                 max_interval: int = 65536, alpha: float = 1 / 64) -> None:
+    def __init__(self, *, threshold: float = 0.3, burst: int = 256, warm: int = 10_000, interval: int | None = None,
+                 max_interval: int | None = None, alpha: float = 1 / 64) -> None:
         self.threshold = threshold
         self.burst = burst
         self.warm = warm
+        interval = 2 * warm if interval is None else interval
         self.base_interval = interval
-        self.max_interval = max_interval
+        self.max_interval = 32 * warm if max_interval is None else max_interval
         #: Reads from one burst's end to the next one's start while closed (the last `warm` of them put).
         self.interval = interval
         self.alpha = alpha
