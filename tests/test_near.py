@@ -872,25 +872,19 @@ def test_read_your_writes_after_an_invalidate_site_that_another_process_beat_to_
         assert c.get_many(CT, SITE, ["beaten", "ours"]) == {"beaten": None, "ours": None}
 
 
-def test_a_closed_read_gate_skips_the_near_tier_and_fills_it_only_just_before_a_burst(dsn: str, redis_url: str) -> None:
-    """While single reads rarely hit, get_latest / get_history neither look in the near tier nor store there; the
-    `warm` reads before a burst store without looking, so the burst meets the tier an open gate would have."""
+def test_a_closed_read_gate_skips_the_lookup_but_still_fills_the_near_tier(dsn: str, redis_url: str) -> None:
+    """While single reads rarely hit, get_latest / get_history skip the near lookup; their puts go on, so the tier
+    stays warm and a burst measures the hit rate an open gate would see (an emptied tier never reopened it)."""
     with near_cache(dsn, redis_url) as cache:
         row = cache.write_cache("gate_t", 7, "k", {"v": 1})
-        entry = cache.keyset("gate_t", 7, "k").entry
         gate = cache._reads
-        gate.share, gate.interval = 0.0, 1 << 30  # closed, no burst due, far from the warm reads
+        gate.share, gate.interval = 0.0, 1 << 30  # closed, no burst due
         cache.near.flush()
         for _ in range(3):
             assert cache.get_latest("gate_t", 7, "k")["id"] == row
             cache.get_history("gate_t", 7, "k", limit=2)
         assert cache.near.stats.hits == 0 and gate.tried == 0 and gate.skipped == 6
-        assert len(cache.near) == 0 and cache.near.stats.puts == 0  # nothing stored either
-        gate._skipped = gate.interval - gate.warm  # the reads just before a burst: stored, not looked up
-        assert cache.get_latest("gate_t", 7, "k")["id"] == row
-        cache.get_history("gate_t", 7, "k", limit=2)
-        assert cache.near.stats.hits == 0 and gate.tried == 0 and cache.near.stats.puts == 2
-        assert cache.near.get_raw(entry) is not MISS
+        assert cache.near.get_raw(cache.keyset("gate_t", 7, "k").entry) is not MISS  # filled all the same
         gate.share = 1.0  # open again: the next read is a near hit
         assert cache.get_latest("gate_t", 7, "k")["id"] == row
         assert cache.near.stats.hits == 2  # the check above and this read

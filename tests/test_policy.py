@@ -528,21 +528,3 @@ def test_key_gate_reopens_when_a_burst_finds_the_near_tier_answering() -> None:
         gate.tried_read(True)
     assert gate.share >= 0.2
     assert all(gate.try_near() for _ in range(50))  # open: no burst needed
-
-
-def test_a_closed_key_gate_stores_only_in_the_warm_reads_before_each_burst() -> None:
-    """Closed: no lookup and no put, except `warm` reads that put without looking just before each burst."""
-    from tiered_cache.policy.page_gate import KeyGate
-
-    gate = KeyGate(threshold=0.3, burst=2, warm=3, interval=8, max_interval=8, alpha=0.5)
-    while gate.share >= 0.3:
-        assert gate.try_near() and gate.filling
-        gate.tried_read(False)
-    plan = []
-    for _ in range(20):
-        looks = gate.try_near()
-        plan.append("L" if looks else ("P" if gate.filling else "-"))
-        if looks:
-            gate.tried_read(False)
-    # 7 reads skipped or warming, then a burst of 2; the last 3 before each burst put (the 8th is the burst's first)
-    assert "".join(plan) == "----PPPLL" "----PPPLL" "--"

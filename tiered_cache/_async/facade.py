@@ -97,7 +97,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         self.listener: CoherenceListener | None = self._share.listener
         self._init_generations()
         self._pages = PageGate()  # get_many tries the near tier only while it answers whole pages
-        self._reads = KeyGate(warm=near_max_entries or 10_000)  # and get_latest / get_history only while it hits
+        self._reads = KeyGate()  # and get_latest / get_history only while it answers often enough
 
     @classmethod
     async def connect(cls, dsn: str, redis_url: str, *, redis_timeout: float = 0.05,
@@ -133,14 +133,12 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                           as_json: bool = False) -> tuple[Any, str, str]:
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         near = self.near
-        if near is not None and self._reads.try_near():  # else no lookup (it rarely answers now)
-            found = near.get_raw(entry) if as_json else near.get(entry)
-            self._reads.tried_read(found is not MISS)
-            if found is not MISS:
-                return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
-        elif near is not None and not self._reads.filling:
-            near = None  # and no put either, but just before a burst (see policy/page_gate.KeyGate)
         if near is not None:
+            if self._reads.try_near():  # else no lookup (it rarely answers now), the put still (policy/page_gate)
+                found = near.get_raw(entry) if as_json else near.get(entry)
+                self._reads.tried_read(found is not MISS)
+                if found is not MISS:
+                    return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = await self.redis.get_raw(entry)
         if raw is not MISS and raw is not DOWN:
@@ -296,14 +294,12 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         limit = self.store.validate_limit(limit)
         near = self.near
-        if near is not None and self._reads.try_near():
-            found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
-            self._reads.tried_read(found is not MISS)
-            if found is not MISS:
-                return found, "near", "hit"
-        elif near is not None and not self._reads.filling:
-            near = None
         if near is not None:
+            if self._reads.try_near():
+                found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
+                self._reads.tried_read(found is not MISS)
+                if found is not MISS:
+                    return found, "near", "hit"
             epoch, started = near.epoch, near.timer()
         ks = self.keys.keyset(*key)
         raw = await self.redis.get_history(ks, limit)

@@ -78,34 +78,30 @@ class PageGate:
 
 
 class KeyGate:
-    """The same decision for single-key reads (get_latest, get_history): use the near tier only while it hits.
+    """The same decision for single-key reads (get_latest, get_history): try the near tier only while it hits.
 
     A near miss costs a lookup and a put, and buys nothing when a key is rarely read twice by this process
     within near_max_age: the HTTP bench's chat turns hit the near tier 5% of the time (140,000 keys, 2 s
-    entries, half the traffic per worker). In the full bench's mixed profile, tried reads hit 20-25%: a hit
-    saved ~130 us, but each miss cost ~45 us and each put ~25 us more than Redis alone (a cold lookup and
-    put, and buffers kept out of the allocator's warm reuse), so near + Redis ran 1-5% slower than Redis.
-    So a read tries the near tier only while `threshold` of tried reads hit (0.3: above that break-even);
-    a closed gate skips the lookup and the put. Before each burst of `burst` tried reads (once every
-    `interval` reads, 2 x warm) come `warm` reads that put without looking, so the burst meets a tier filled
-    as an open one would be: `warm` is the tier's max_entries, the most an open tier holds (512 warm reads
-    left Zipf chat turns, 90% near hits when open, under the threshold: the gate never reopened). A burst
-    that hit less than `threshold` doubles the interval, up to `max_interval` (32 x warm: puts in 1 read of
-    32). Skipping the near tier is always safe. Plain counters, no lock, as PageGate.
+    entries, half the traffic per worker), so every chat turn paid for a tier that almost never answered.
+    A closed gate skips the lookup (with its announcement poll) but not the put, which is cheap: the tier
+    stays as warm as an open one, so a burst measures the hit rate an open gate would see. (Skipping puts
+    too left the micro bench's chat turns, 80% near hits when open, shut out: each burst began on an
+    emptied tier and missed.)
+    A read hitting `threshold` of the time saves a Redis round trip often enough to pay for its misses. While
+    closed, `burst` reads in a row try it once every `interval` reads (long enough, at a worker's pace, for the
+    tier to fill with what repeats); a burst that hit less than `threshold` doubles the interval, up to
+    `max_interval`. Skipping the near tier is always safe. Plain counters, no lock, as PageGate.
     """
 
-    __slots__ = ("threshold", "burst", "warm", "base_interval", "max_interval", "interval", "alpha", "share",
+    __slots__ = ("threshold", "burst", "base_interval", "max_interval", "interval", "alpha", "share",
                  "_skipped", "_burst_left", "_burst_hits", "tried", "skipped")
 
-    def __init__(self, *, threshold: float = 0.3, burst: int = 256, warm: int = 10_000, interval: int | None = None,
-                 max_interval: int | None = None, alpha: float = 1 / 64) -> None:
+    def __init__(self, *, threshold: float = 0.2, burst: int = 256, interval: int = 512,
+                 max_interval: int = 65536, alpha: float = 1 / 64) -> None:
         self.threshold = threshold
         self.burst = burst
-        self.warm = warm
-        interval = 2 * warm if interval is None else interval
         self.base_interval = interval
-        self.max_interval = 32 * warm if max_interval is None else max_interval
-        #: Reads from one burst's end to the next one's start while closed (the last `warm` of them put).
+        self.max_interval = max_interval
         self.interval = interval
         self.alpha = alpha
         #: The weighted share of tried reads the near tier answered (starts hopeful).
@@ -117,7 +113,7 @@ class KeyGate:
         self.skipped = 0
 
     def try_near(self) -> bool:
-        """Whether this read should look in the near tier first (if not, ask `filling` about the put)."""
+        """Whether this read should look in the near tier first."""
         if self.share >= self.threshold or self._burst_left > 0:
             return True
         self._skipped += 1
@@ -126,11 +122,6 @@ class KeyGate:
             return True
         self.skipped += 1
         return False
-
-    @property
-    def filling(self) -> bool:
-        """Whether a read that did not look should still store what Redis answers: only just before a burst."""
-        return self._skipped >= self.interval - self.warm or self.share >= self.threshold or self._burst_left > 0
 
     def tried_read(self, hit: bool) -> None:
         """A tried read was answered by the near tier (True) or went on to Redis (False)."""
