@@ -96,6 +96,10 @@ class Contender:
         for cache_type, site_id, target_id, limit in history:
             self.get_history(cache_type, site_id, target_id, limit)
 
+    def take_turns(self, n: int) -> str:
+        """n contenders take turns in the next workload: stretch wall-clock windows by n (a note, or "")."""
+        return ""
+
     def tier_stats(self) -> dict[str, int]:
         """Cumulative per-tier hit/miss counters, where the contender exposes them."""
         return {}
@@ -395,6 +399,16 @@ class TieredContender(StoreContender):
         self.store = self.cache = TieredCache(store, redis_client(env.redis_url), owns_clients=True, **options)
         if self.cache.listener is not None:  # the near tier serves only once its listener is subscribed
             self.cache.listener.subscribed.wait(5)
+
+    def take_turns(self, n: int) -> str:
+        """The near tier's max_age is a wall-clock window: mixed has fewer contenders taking turns than chat."""
+        near = self.cache.near
+        want = inspect.signature(type(self.cache)).parameters["near_max_age"].default * n
+        if near is None or near.max_age == want:
+            return ""
+        near.max_age = want
+        near.flush()  # entries stored under the old window go
+        return f"near_max_age={want:g} s (default x {n} contenders taking turns)"
 
     def tier_stats(self) -> dict[str, int]:
         s = self.cache.stats()

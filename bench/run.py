@@ -569,6 +569,10 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
                     failed.setdefault(n, f"prewarm: {type(exc).__name__}: {exc}")
                 progress.advance(min(time.perf_counter() - t1, prewarm_guess), n)
         part = {n: c for n, c in part.items() if n not in failed}
+        turn_notes = {}
+        for n, c in part.items():  # the writers alone take turns in mixed: near_max_age per own running time
+            if note := c.take_turns(len(part)):
+                turn_notes[n] = note
         timed(f"{name} prewarm", t0)
         t0 = time.perf_counter()
         progress.phase(f"workload {name}")
@@ -578,7 +582,8 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
             cursors = {n: t.cursor for n, t in tallies.items()}
         workloads[name] = {"description": WORKLOAD_TEXT[name],
                            "prewarmed": {"latest_keys": sum(map(len, groups.values())), "histories": len(history)},
-                           "rows": workload_rows(tallies, entries, pgss if pgss.available else None)}
+                           "rows": workload_rows(tallies, entries, pgss if pgss.available else None),
+                           "turns": {"contenders": len(part), "notes": turn_notes}}
         for n, t in tallies.items():
             if t.error:
                 failed.setdefault(n, t.error)
@@ -640,7 +645,8 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
         "method": {
             "time_scale": (f"TieredCache's wall-clock windows (negative_ttl, near_max_age) are multiplied by the "
                            f"{env.time_scale:g} contenders taking turns, so per second of its own running time they "
-                           f"are the defaults"),
+                           f"are the defaults (near_max_age is reset per workload to the number taking turns in it: mixed has "
+                           f"the writers only)"),
             "interleaving": (f"one process; caches are first prewarmed with every key the workload reads (steady "
                              f"state: latest entries by get_many per venue and app, histories one by one, untimed); "
                              f"then contenders take turns in {dims.slice_s * 1000:g} ms slices (the first one rotated "
@@ -674,6 +680,8 @@ def run(spec: WorkloadSpec, srv: Servers, args: argparse.Namespace) -> dict[str,
 def _tier_notes(workloads: dict[str, Any]) -> list[str]:
     out = []
     for name, wl in workloads.items():
+        for contender, note in wl.get("turns", {}).get("notes", {}).items():
+            out.append(f"{name}: {contender}: {note}")
         for r in wl["rows"]:
             tc = r.get("tier_counters") or {}
             if tc.get("redis_errors") or tc.get("breaker_trips"):
