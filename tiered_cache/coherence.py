@@ -244,7 +244,11 @@ class CoherenceListener:
                 silent = self.feed.unheard(now, 3 * self.health + self.poll)
                 if silent is not None:
                     raise RedisConnectionError(f"change feed: {silent}")
-                if self.feed.fds:
+                if self.feed.fds and self.near.polled_within(self.poll):
+                    # Readers are draining the socket themselves before each hit: waking on every announcement
+                    # would only cost them a thread switch and the GIL. Look again in `poll` seconds.
+                    self._stop.wait(self.poll)
+                elif self.feed.fds:
                     self.feed.wait(self.poll)  # without the lock (and without the GIL)
                 else:  # no OS socket to wait on (fakeredis): the client waits, and readers do not poll
                     with self._lock:

@@ -106,6 +106,10 @@ class NearTier:
         self.poll_announcements: Callable[[], None] | None = None
         self._next_poll = 0.0
 
+    def polled_within(self, seconds: float) -> bool:
+        """Whether a read polled the announcements in the last `seconds` (it will again within a millisecond)."""
+        return self.timer() - (self._next_poll - _POLL_EVERY) < seconds
+
     def get(self, key: str) -> Any:
         """The cached answer (freshly decoded), None for a cached 'no row', or MISS."""
         raw = self.get_raw(key)
