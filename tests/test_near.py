@@ -22,7 +22,7 @@ import _near_worker
 from tiered_cache import TieredCache
 from tiered_cache.contracts import MISS
 from tiered_cache.policy.entries import encode_entry, expires_at_ms
-from tiered_cache.tiers.near import NearTier
+from tiered_cache.tiers.near import NearTier, history_key
 
 CT = "near_t"  # a cache_type without an expiry policy: rows never expire
 SITE = 1
@@ -872,19 +872,43 @@ def test_read_your_writes_after_an_invalidate_site_that_another_process_beat_to_
         assert c.get_many(CT, SITE, ["beaten", "ours"]) == {"beaten": None, "ours": None}
 
 
-def test_a_closed_read_gate_skips_the_lookup_but_still_fills_the_near_tier(dsn: str, redis_url: str) -> None:
-    """While single reads rarely hit, get_latest / get_history skip the near lookup; their puts go on, so the tier
-    stays warm and a burst measures the hit rate an open gate would see (an emptied tier never reopened it)."""
+def test_a_closed_read_gate_skips_the_lookup_and_fills_the_near_tier_from_one_read_in_put_every(
+        dsn: str, redis_url: str) -> None:
+    """While single reads rarely hit, get_latest / get_history skip the near lookup, and only one read in
+    put_every stores what Redis answered: the tier stays warm with what repeats (so a burst measures something
+    close to what an open gate would see) without a put on every skipped read."""
     with near_cache(dsn, redis_url) as cache:
-        row = cache.write_cache("gate_t", 7, "k", {"v": 1})
+        targets = [f"k{i}" for i in range(8)]
+        rows = {t: cache.write_cache("gate_t", 7, t, {"v": t}) for t in targets}
         gate = cache._reads
         gate.share, gate.interval = 0.0, 1 << 30  # closed, no burst due
         cache.near.flush()
-        for _ in range(3):
-            assert cache.get_latest("gate_t", 7, "k")["id"] == row
-            cache.get_history("gate_t", 7, "k", limit=2)
-        assert cache.near.stats.hits == 0 and gate.tried == 0 and gate.skipped == 6
-        assert cache.near.get_raw(cache.keyset("gate_t", 7, "k").entry) is not MISS  # filled all the same
+        for t in targets:
+            assert cache.get_latest("gate_t", 7, t)["id"] == rows[t]
+        assert cache.near.stats.hits == 0 and gate.tried == 0 and gate.skipped == 8
+        near = [t for t in targets if cache.near.get_raw(cache.keyset("gate_t", 7, t).entry) is not MISS]
+        assert near == ["k3", "k7"]  # the 4th and 8th skipped reads stored, the others did not
+        for _ in range(4):  # a history read is sampled the same way
+            cache.get_history("gate_t", 7, "k0", limit=2)
+        assert cache.near.get_raw(history_key(cache.keyset("gate_t", 7, "k0").entry, 2)) is not MISS
         gate.share = 1.0  # open again: the next read is a near hit
-        assert cache.get_latest("gate_t", 7, "k")["id"] == row
-        assert cache.near.stats.hits == 2  # the check above and this read
+        assert cache.get_latest("gate_t", 7, "k3")["id"] == rows["k3"]
+        assert cache.near.stats.hits == 4  # the checks above and this read
+
+
+def test_polled_within_tells_the_listener_whether_readers_are_draining_announcements_themselves() -> None:
+    """The coherence listener sleeps instead of waking on each announcement while reads poll (see coherence)."""
+    now = [100.0]
+    near = NearTier(max_entries=10, timer=lambda: now[0])
+    polls = []
+    near.poll_announcements = lambda: polls.append(now[0])
+    near.active = True
+    assert not near.polled_within(0.2)  # never polled
+    near.get_raw("k")
+    assert polls == [100.0] and near.polled_within(0.2)
+    now[0] += 0.19
+    assert near.polled_within(0.2)
+    now[0] += 0.02
+    assert not near.polled_within(0.2)  # readers went quiet: the listener waits on the socket again
+    near.get_raw("k")
+    assert polls == [100.0, 100.21] and near.polled_within(0.2)

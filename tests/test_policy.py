@@ -528,3 +528,43 @@ def test_key_gate_reopens_when_a_burst_finds_the_near_tier_answering() -> None:
         gate.tried_read(True)
     assert gate.share >= 0.2
     assert all(gate.try_near() for _ in range(50))  # open: no burst needed
+
+
+def test_a_closed_key_gate_marks_one_skipped_read_in_put_every_as_warm() -> None:
+    from tiered_cache.policy.page_gate import KeyGate
+
+    gate = KeyGate(threshold=0.2, burst=4, interval=1 << 30, put_every=4)
+    gate.share = 0.0  # closed
+    warm = []
+    for _ in range(12):
+        assert not gate.try_near()
+        warm.append(gate.warm)
+    assert warm == [False, False, False, True] * 3
+
+
+def test_a_burst_that_hits_half_the_threshold_goes_straight_on_and_reopens_as_the_tier_warms() -> None:
+    """The tier is only partly warm while closed: a burst hitting 10% (threshold 20%) keeps trying, without
+    waiting an interval, until the share reaches the threshold; one hitting less waits twice as long."""
+    from tiered_cache.policy.page_gate import KeyGate
+
+    gate = KeyGate(threshold=0.2, burst=10, interval=8, max_interval=64, alpha=0.1)
+    gate.share = 0.0
+    while not gate.try_near():
+        pass
+    for i in range(10):  # 1 hit in 10: half the threshold
+        gate.tried_read(i == 0)
+    assert gate.try_near(), "a burst at half the threshold goes on at once"
+    n = 0
+    while gate.share < 0.2:  # the tier warms: 3 hits in 10 from now on
+        assert gate.try_near() and n < 100
+        gate.tried_read(n % 10 < 3)
+        n += 1
+    assert all(gate.try_near() for _ in range(20))  # reopened
+    gate.share = 0.0
+    gate._burst_left = 0
+    skipped = 0
+    while not gate.try_near():
+        skipped += 1
+    for _ in range(10):
+        gate.tried_read(False)  # a burst that found nothing
+    assert gate.interval == 16 and not gate.try_near()  # no burst straight on: the next one waits 16 reads

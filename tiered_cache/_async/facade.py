@@ -134,11 +134,15 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
-            if self._reads.try_near():  # else no lookup (it rarely answers now), the put still (policy/page_gate)
+            reads = self._reads
+            if reads.try_near():  # else no lookup (it rarely answers now), and a put only to keep it warm
                 found = near.get_raw(entry) if as_json else near.get(entry)
-                self._reads.tried_read(found is not MISS)
+                reads.tried_read(found is not MISS)
                 if found is not MISS:
                     return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
+            elif not reads.warm:
+                near = None  # neither lookup nor put (policy/page_gate.KeyGate)
+        if near is not None:
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = await self.redis.get_raw(entry)
         if raw is not MISS and raw is not DOWN:
@@ -295,11 +299,15 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         limit = self.store.validate_limit(limit)
         near = self.near
         if near is not None:
-            if self._reads.try_near():
+            reads = self._reads
+            if reads.try_near():
                 found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
-                self._reads.tried_read(found is not MISS)
+                reads.tried_read(found is not MISS)
                 if found is not MISS:
                     return found, "near", "hit"
+            elif not reads.warm:
+                near = None
+        if near is not None:
             epoch, started = near.epoch, near.timer()
         ks = self.keys.keyset(*key)
         raw = await self.redis.get_history(ks, limit)
