@@ -350,3 +350,21 @@ def test_naive_expires_at_is_not_reinterpreted(live_store: PostgresStore) -> Non
     with pytest.raises(InvalidInput) as info:
         live_store.write_cache("app3_clue", 1, "t", {"a": 1}, expires_at=datetime.now() + timedelta(days=1))
     check(info.value, "expires_at")
+
+
+@pytest.mark.parametrize("option, value", [("negative_ttl", 0), ("lease_ttl", -1.0), ("history_ttl", True),
+                                           ("no_expiry_ttl", "60"), ("negative_ttl", float("nan"))])
+def test_a_cache_refuses_a_window_that_is_not_positive_seconds_before_any_io(option: str, value: object) -> None:
+    from tiered_cache import TieredCache
+    from tiered_cache.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=option):
+        TieredCache(None, None, **{option: value})  # type: ignore[arg-type]  # no store, no client: no I/O
+
+
+def test_a_cache_refuses_unknown_options_by_name() -> None:
+    from tiered_cache import TieredCache
+    from tiered_cache.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="kill_wiat"):
+        TieredCache(None, None, kill_wiat=1.0)  # type: ignore[arg-type]

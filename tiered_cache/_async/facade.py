@@ -18,13 +18,14 @@ from .._near_registry import REGISTRY
 from .._sync_client import relay_tier
 from ..coherence import CoherenceListener
 from ..contracts import DOWN, MISS, Key, Row
-from ..errors import Closed, ConfigurationError
+from ..errors import Closed
 from ..observe import tracing
 from ..policy.breaker import CircuitBreaker
 from ..policy.entries import NEGATIVE, decode, encode, encode_entry, entry_expires_at_ms, expires_at_ms
 from ..policy.key_memo import KeyMemo
 from ..policy.keys import KeySet, KeySpace
 from ..policy.page_gate import KeyGate, PageGate
+from ..policy.validation import cache_options
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from . import regenerating
@@ -36,7 +37,6 @@ from .store import AsyncPostgresStore
 from .writes import AsyncCacheWrites
 
 logger = logging.getLogger("tiered_cache.facade")
-
 _monotonic = time.monotonic
 
 _STORE_OPTIONS = frozenset({"policy", "clock", "limits", "retention", "generating_timeout", "outbox_retention",
@@ -67,13 +67,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         metrics: Any = None,
         **tier_options: Any,
     ) -> None:
-        for option, value in (("negative_ttl", negative_ttl), ("no_expiry_ttl", no_expiry_ttl),
-                              ("history_ttl", history_ttl), ("lease_ttl", lease_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.001:
-                raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
-        unknown = set(tier_options) - _TIER_OPTIONS
-        if unknown:
-            raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        cache_options({"negative_ttl": negative_ttl, "no_expiry_ttl": no_expiry_ttl, "history_ttl": history_ttl,
+                       "lease_ttl": lease_ttl}, tier_options, _TIER_OPTIONS)
         self.store = store
         #: Told of every public call (tiered_cache.metrics.TieredCacheMetrics, or anything with its observe_call).
         self.metrics = metrics
@@ -134,13 +129,12 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         key, entry = self._memo.entry(cache_type, site_id, target_id)
         near = self.near
         if near is not None:
-            reads = self._reads
-            if reads.try_near():  # else no lookup (it rarely answers now), and a put only to keep it warm
+            if self._reads.try_near():  # else no lookup (it rarely answers now), and a put only to keep it warm
                 found = near.get_raw(entry) if as_json else near.get(entry)
-                reads.tried_read(found is not MISS)
+                self._reads.tried_read(found is not MISS)
                 if found is not MISS:
                     return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
-            elif not reads.warm:
+            elif not self._reads.warm:
                 near = None  # neither lookup nor put (policy/page_gate.KeyGate)
         if near is not None:
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
@@ -299,13 +293,12 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         limit = self.store.validate_limit(limit)
         near = self.near
         if near is not None:
-            reads = self._reads
-            if reads.try_near():
+            if self._reads.try_near():
                 found = near.get_raw(history_key(entry, limit)) if as_json else near.get(history_key(entry, limit))
-                reads.tried_read(found is not MISS)
+                self._reads.tried_read(found is not MISS)
                 if found is not MISS:
                     return found, "near", "hit"
-            elif not reads.warm:
+            elif not self._reads.warm:
                 near = None
         if near is not None:
             epoch, started = near.epoch, near.timer()

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import InvalidInput
+from ..errors import ConfigurationError, InvalidInput
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -164,3 +164,12 @@ def target_ids(value: object, limits: Limits) -> list[str]:
             raise InvalidInput("target_ids", f"more than {limits.max_many} ids")
     return list(out)
 
+
+def cache_options(windows: dict[str, Any], given: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse a cache's non-positive time windows and unknown options at construction (ConfigurationError)."""
+    for option, value in windows.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.001:
+            raise ConfigurationError(f"{option}: expected seconds > 0.001, got {value!r}")
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ConfigurationError(f"unknown option(s): {', '.join(sorted(unknown))}")
