@@ -23,30 +23,39 @@ lock: a lost update under threads only shifts the average.
 from __future__ import annotations
 
 
-class PageGate:
-    """An open/closed decision per page, learnt from how often tried pages were answered whole."""
+class _Gate:
+    """What both gates learn: the weighted share of tried reads the near tier answered, and the burst schedule."""
 
-    __slots__ = ("threshold", "burst", "max_burst", "base_interval", "max_interval", "interval", "alpha", "share",
-                 "_skipped", "_burst_pages", "_burst_found", "tried", "skipped")
+    __slots__ = ("threshold", "burst", "base_interval", "max_interval", "interval", "alpha", "share", "_skipped",
+                 "tried", "skipped")
 
-    def __init__(self, *, threshold: float = 0.5, burst: int = 32, max_burst: int = 512, interval: int = 2048,
-                 max_interval: int = 65536, alpha: float = 1 / 32) -> None:
+    def __init__(self, threshold: float, burst: int, interval: int, max_interval: int, alpha: float) -> None:
         self.threshold = threshold
         self.burst = burst
-        self.max_burst = max_burst
         self.base_interval = interval
         self.max_interval = max_interval
-        #: Pages from one burst's start to the next one's while closed: `interval`, doubled after each burst
+        #: Reads from one burst's start to the next one's while closed: `interval`, doubled after each burst
         #: that found little near.
         self.interval = interval
         self.alpha = alpha
-        #: The weighted share of tried pages answered whole by the near tier (starts hopeful).
+        #: The weighted share of tried reads (pages, for PageGate: whole ones) the near tier answered (starts hopeful).
         self.share = 1.0
         self._skipped = 0
-        self._burst_pages = -1  # pages tried in the current burst; -1: no burst under way
-        self._burst_found = 0.0  # the shares of its pages found near, summed, in the current burst
         self.tried = 0
         self.skipped = 0
+
+
+class PageGate(_Gate):
+    """An open/closed decision per page, learnt from how often tried pages were answered whole."""
+
+    __slots__ = ("max_burst", "_burst_pages", "_burst_found")
+
+    def __init__(self, *, threshold: float = 0.5, burst: int = 32, max_burst: int = 512, interval: int = 2048,
+                 max_interval: int = 65536, alpha: float = 1 / 32) -> None:
+        super().__init__(threshold, burst, interval, max_interval, alpha)
+        self.max_burst = max_burst
+        self._burst_pages = -1  # pages tried in the current burst; -1: no burst under way
+        self._burst_found = 0.0  # the shares of its pages found near, summed, in the current burst
 
     def try_near(self) -> bool:
         """Whether this page should look in the near tier (and store what Redis answers there)."""
@@ -77,7 +86,7 @@ class PageGate:
             self.interval = self.base_interval if good else min(self.interval * 2, self.max_interval)
 
 
-class KeyGate:
+class KeyGate(_Gate):
     """The same decision for single-key reads (get_latest, get_history): try the near tier only while it hits.
 
     A near miss costs a lookup and a put, and buys nothing when a key is rarely read twice by this process
@@ -98,27 +107,16 @@ class KeyGate:
     is always safe. Plain counters, no lock, as PageGate.
     """
 
-    __slots__ = ("threshold", "burst", "base_interval", "max_interval", "interval", "alpha", "share", "put_every",
-                 "warm", "_skipped", "_burst_left", "_burst_hits", "tried", "skipped")
+    __slots__ = ("put_every", "warm", "_burst_left", "_burst_hits")
 
     def __init__(self, *, threshold: float = 0.2, burst: int = 256, interval: int = 512,
                  max_interval: int = 8192, alpha: float = 1 / 64, put_every: int = 4) -> None:
-        self.threshold = threshold
-        self.burst = burst
-        self.base_interval = interval
-        self.max_interval = max_interval
-        self.interval = interval
-        self.alpha = alpha
-        #: The weighted share of tried reads the near tier answered (starts hopeful).
-        self.share = 1.0
+        super().__init__(threshold, burst, interval, max_interval, alpha)
         self.put_every = put_every
         #: After a try_near() that said no: whether this read should still store what it finds (keeps the tier warm).
         self.warm = False
-        self._skipped = 0
         self._burst_left = 0
         self._burst_hits = 0
-        self.tried = 0
-        self.skipped = 0
 
     def try_near(self) -> bool:
         """Whether this read should look in the near tier first."""
