@@ -284,3 +284,28 @@ def test_the_relay_lands_what_a_stopped_write_owed_when_its_drainer_cannot(name:
         asyncio.run(main())
     finally:
         r.close()
+
+
+def test_close_finishes_when_a_redis_socket_is_slow_to_close(dsn: str, redis_url: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A busy machine made the pool's disconnect time out (0.05 s) and close() raised; it now logs and completes."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    async def main() -> None:
+        cache = await AsyncTieredCache.connect(dsn, redis_url)
+        await cache.write_cache(CT, SITE, "slow-close", {"v": 1})
+        pool = cache._redis_client.connection_pool
+        real = pool.disconnect
+
+        async def slow(*args: Any, **kwargs: Any) -> None:
+            await real(*args, **kwargs)
+            raise RedisTimeout("Timed out closing connection after 0.05")
+
+        pool.disconnect = slow
+        with caplog.at_level("INFO", logger="tiered_cache._async.client"):
+            await cache.close()
+        assert "Timed out closing connection" in caplog.text
+        with pytest.raises(Exception, match="closed"):
+            await cache.get_latest(CT, SITE, "slow-close")
+
+    asyncio.run(main())

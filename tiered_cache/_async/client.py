@@ -64,3 +64,14 @@ async def ready_client(client: Any) -> Any:
         except REDIS_FAILURES as exc:  # a node down at start: its shard is learnt when it answers
             logger.warning("redis cluster: not every primary answered at start: %s: %s", type(exc).__name__, exc)
     return client
+
+
+async def close_client(client: Any) -> None:
+    """Close a client this library made, and its pool; a socket slow to close (a busy machine) is only logged."""
+    try:
+        await client.aclose()
+        pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
+        if pool is not None:
+            await pool.disconnect()  # close() leaves a passed-in pool open
+    except REDIS_FAILURES as exc:
+        logger.info("closing the Redis client: %s: %s", type(exc).__name__, exc)

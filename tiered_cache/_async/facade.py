@@ -29,7 +29,7 @@ from ..policy.validation import cache_options
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from . import regenerating
-from .client import async_redis_client, ready_client
+from .client import async_redis_client, close_client, ready_client
 from .flights import AsyncFlights
 from .generate import AsyncGenerations
 from .redis_tier import AsyncRedisTier
@@ -358,10 +358,7 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
         await self.redis.close()
         if self._owns_clients:
             await self.store.close()
-            await self._redis_client.aclose()
-            pool = getattr(self._redis_client, "connection_pool", None)  # a cluster client has one per node
-            if pool is not None:
-                await pool.disconnect()  # close() leaves a passed-in pool open
+            await close_client(self._redis_client)
 
     async def __aenter__(self) -> AsyncTieredCache:
         return self

@@ -30,7 +30,7 @@ from ..policy.validation import cache_options
 from ..relay import Relay
 from ..tiers.near import NearTier, check_bounds, history_key
 from . import regenerating
-from .client import redis_client, ready_client
+from .client import redis_client, close_client, ready_client
 from .flights import Flights
 from .generate import Generations
 from .redis_tier import RedisTier
@@ -359,10 +359,7 @@ class TieredCache(Generations, CacheWrites):
         self.redis.close()
         if self._owns_clients:
             self.store.close()
-            self._redis_client.close()
-            pool = getattr(self._redis_client, "connection_pool", None)  # a cluster client has one per node
-            if pool is not None:
-                pool.disconnect()  # close() leaves a passed-in pool open
+            close_client(self._redis_client)
 
     def __enter__(self) -> TieredCache:
         return self
