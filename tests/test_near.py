@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import select
 import statistics
 import threading
 import time
@@ -912,3 +913,37 @@ def test_polled_within_tells_the_listener_whether_readers_are_draining_announcem
     assert not near.polled_within(0.2)  # readers went quiet: the listener waits on the socket again
     near.get_raw("k")
     assert polls == [100.0, 100.21] and near.polled_within(0.2)
+
+
+def test_a_lookup_drains_announcements_itself_while_the_listener_thread_sleeps(dsn: str, redis_url: str) -> None:
+    """While readers poll, the listener thread looks at the socket only every `poll` seconds: a near lookup
+    applies whatever is already on the socket before it answers."""
+    with near_cache(dsn, redis_url) as c:
+        rid = c.write_cache(CT, SITE, "quiet", {"v": 1})
+        _settle(c, 1)
+        assert _warm(c, "quiet")["id"] == rid
+        long_sleep, real_wait = threading.Event(), c.listener._stop.wait
+
+        def wait(timeout: float | None = None) -> bool:
+            if timeout is not None and timeout >= 600:
+                long_sleep.set()
+            return real_wait(timeout)
+
+        c.listener._stop.wait = wait  # type: ignore[method-assign]
+        c.listener.poll = 600.0  # from its next sleep on, the thread stays away from the socket
+        deadline = time.monotonic() + 10
+        while not long_sleep.wait(0.01):  # reads keep polling, so the thread sleeps rather than waits on the socket
+            assert c.get_latest(CT, SITE, "quiet")["id"] == rid
+            assert time.monotonic() < deadline, "the listener thread never began its long sleep"
+        messages, hits = c.listener.stats.messages, c.near.stats.hits
+        r = redis.Redis.from_url(redis_url)
+        try:  # what another process's change of the key announces
+            r.publish(c.keys.channel, f"elsewhere:1:{c.keys.entry(CT, SITE, 'quiet')}")
+        finally:
+            r.close()
+        _wait(lambda: select.select(c.listener._fds, (), (), 0)[0], what="the announcement on the socket")
+        assert c.listener.stats.messages == messages  # the thread did not apply it
+        assert c.get_latest(CT, SITE, "quiet")["id"] == rid
+        assert c.near.stats.hits == hits, "served from the near tier with its eviction waiting on the socket"
+        assert c.listener.stats.messages == messages + 1  # applied by the reading thread, before the lookup
+        assert c.get_latest(CT, SITE, "quiet")["id"] == rid and c.near.stats.hits == hits + 1  # stored again
