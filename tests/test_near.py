@@ -179,6 +179,28 @@ def test_once_full_a_key_asked_for_less_than_the_lru_entry_is_not_admitted() -> 
     assert near.get("hot")["id"] == 7 and len(near) == 3
 
 
+def test_get_raws_answers_a_page_as_get_raw_answers_each_key() -> None:
+    """A page's lookup in one call: the same answers (hit, miss, expired), counters and admission counts."""
+    near, timer, _ = _tier(max_entries=8, max_age=10.0)
+    twin, twin_timer, _ = _tier(max_entries=8, max_age=10.0)
+    for tier in (near, twin):
+        _put(tier, "old", _row(1))
+    timer.now += 6
+    twin_timer.now += 6
+    for tier in (near, twin):
+        _put(tier, "new", _row(2))
+        tier.put("none", b"null", None, tier.epoch)
+    timer.now += 5  # "old" is past max_age now, "new" is not
+    twin_timer.now += 5
+    page = ["new", "absent", "old", "none", "new"]
+    assert near.get_raws(page) == [twin.get_raw(k) for k in page]
+    assert near.get_raws(page)[:2] == [encode_entry(_row(2)), MISS]
+    assert (near.stats.hits, near.stats.misses) == (twin.stats.hits + 3, twin.stats.misses + 2)
+    assert len(near) == len(twin) == 2  # the expired entry went on both paths
+    assert near._lfu.frequency("new") == twin._lfu.frequency("new") + 2
+    near.active = False
+    assert near.get_raws(page) == [MISS] * 5
+
 def test_put_refused_after_an_eviction_of_its_stripe_since_the_read_began() -> None:
     """A put is skipped if its key (or its stripe) was evicted or flushed after the read began; an eviction
     in another stripe does not cancel it, and a current epoch is stored."""

@@ -230,14 +230,14 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
             near = None  # pages are rarely whole in the near tier now: a plain Redis page (see policy/page_gate)
         if near is not None:
             epoch, started = near.epoch, near.timer()
-            lookup = near.get_raw if as_json else near.get
             ask = []
-            for target, entry in zip(ids, entries):
-                value = lookup(entry)
+            for target, entry, value in zip(ids, entries, near.get_raws(entries)):
                 if value is MISS:
                     ask.append((target, entry))
+                elif as_json:
+                    found[target] = None if value == NEGATIVE else value
                 else:
-                    found[target] = None if as_json and value == NEGATIVE else value
+                    found[target] = decode(value)  # a dict of the caller's own
             self._pages.tried_page(not ask, 1.0 - len(ask) / len(ids))
             if not ask:
                 return found, "near", "hit"

@@ -11,6 +11,8 @@ approximate counts of unlocked increments on its read path.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 _MAX = 15  # 4-bit counters, kept one per byte so halving is one bytes.translate
 _HALVE = bytes(i >> 1 for i in range(256))
 _ROWS = 4
@@ -42,30 +44,35 @@ class TinyLFU:
 
     def record(self, key: str) -> None:
         """Note one access of key (a get, hit or miss)."""
-        h = self._spread(hash(key))
-        bit = (h >> 11) & self._door_bits
-        door = self._door
-        if not door[bit >> 3] & (1 << (bit & 7)):
-            door[bit >> 3] |= 1 << (bit & 7)  # first sighting since the last reset: the doorkeeper only
-        else:
-            mask = self._mask
-            r0, r1, r2, r3 = self._rows
-            step = (h >> 32) | 1  # double hashing: four indexes of any width from one 64-bit hash
-            i0, i1, i2, i3 = h & mask, (h + step) & mask, (h + 2 * step) & mask, (h + 3 * step) & mask
-            # Conservative update: raise only the counters at the current minimum.
-            low = min(r0[i0], r1[i1], r2[i2], r3[i3])
-            if low < _MAX:
-                if r0[i0] == low:
-                    r0[i0] = low + 1
-                if r1[i1] == low:
-                    r1[i1] = low + 1
-                if r2[i2] == low:
-                    r2[i2] = low + 1
-                if r3[i3] == low:
-                    r3[i3] = low + 1
-        self._recorded += 1
-        if self._recorded >= self._sample:
-            self._reset()
+        self.record_many((key,))
+
+    def record_many(self, keys: Iterable[str]) -> None:
+        """Note one access of each key (a page's lookups: one call, the state held in locals)."""
+        door, bits, mask = self._door, self._door_bits, self._mask
+        r0, r1, r2, r3 = self._rows  # halving rewrites them in place: these stay the rows
+        for key in keys:
+            h = (hash(key) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF  # as _spread
+            h ^= h >> 29
+            bit = (h >> 11) & bits
+            if not door[bit >> 3] & (1 << (bit & 7)):
+                door[bit >> 3] |= 1 << (bit & 7)  # first sighting since the last reset: the doorkeeper only
+            else:
+                step = (h >> 32) | 1  # double hashing: four indexes of any width from one 64-bit hash
+                i0, i1, i2, i3 = h & mask, (h + step) & mask, (h + 2 * step) & mask, (h + 3 * step) & mask
+                # Conservative update: raise only the counters at the current minimum.
+                low = min(r0[i0], r1[i1], r2[i2], r3[i3])
+                if low < _MAX:
+                    if r0[i0] == low:
+                        r0[i0] = low + 1
+                    if r1[i1] == low:
+                        r1[i1] = low + 1
+                    if r2[i2] == low:
+                        r2[i2] = low + 1
+                    if r3[i3] == low:
+                        r3[i3] = low + 1
+            self._recorded += 1
+            if self._recorded >= self._sample:
+                self._reset()
 
     def frequency(self, key: str) -> int:
         """Estimated accesses of key since about the last reset (never an underestimate but for halving)."""

@@ -115,16 +115,46 @@ class NearTier:
         raw = self.get_raw(key)
         return raw if raw is MISS else decode(raw)
 
-    def get_raw(self, key: str) -> Any:
-        """The cached answer as stored (encoded; NEGATIVE for a cached 'no row'), or MISS."""
+    def _serving_at(self) -> float | None:
+        """The timer's now once announcements already received are applied; None while the tier may not serve."""
         if not self.active:
-            return MISS
+            return None
         now = self.timer()
         if now >= self._next_poll and self.poll_announcements is not None:
             self._next_poll = now + _POLL_EVERY
             self.poll_announcements()
             if not self.active:
-                return MISS
+                return None
+        return now
+
+    def get_raws(self, keys: list[str]) -> list[Any]:
+        """get_raw of each key (a page): one poll, one lock and one pass over the sketch for all of them."""
+        now = self._serving_at()
+        if now is None:
+            return [MISS] * len(keys)
+        out: list[Any] = [MISS] * len(keys)
+        hits = 0
+        with self._lock:
+            if self._lfu is not None:
+                self._lfu.record_many(keys)
+            cache = self._cache
+            for i, key in enumerate(keys):
+                item = cache.get(key)
+                if item is not None:
+                    if item[0] > now:
+                        out[i] = item[1]
+                        hits += 1
+                    else:
+                        del cache[key]
+        self.stats.hits += hits
+        self.stats.misses += len(keys) - hits
+        return out
+
+    def get_raw(self, key: str) -> Any:
+        """The cached answer as stored (encoded; NEGATIVE for a cached 'no row'), or MISS."""
+        now = self._serving_at()
+        if now is None:
+            return MISS
         with self._lock:
             if self._lfu is not None:
                 self._lfu.record(key)
