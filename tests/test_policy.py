@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -419,16 +421,20 @@ def test_refusal_watch_rejects_unusable_settings(interval: float, hold: float) -
 # -- get_many's page gate (policy/page_gate.py) -------------------------------------------------------
 
 
+def _answer_then_shut(gate: Any, tried: Callable[[bool], None], answered: int) -> None:
+    """An open gate whose near tier answered `answered` tries in a row, then missed until the gate shut."""
+    for _ in range(answered):
+        assert gate.try_near()
+        tried(True)
+    while gate.share >= gate.threshold:
+        assert gate.try_near()
+        tried(False)
+
 def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not() -> None:
     from tiered_cache.policy.page_gate import PageGate
 
     gate = PageGate(threshold=0.5, burst=2, max_burst=2, interval=8, alpha=0.25)
-    for _ in range(20):
-        assert gate.try_near()
-        gate.tried_page(True)
-    while gate.share >= 0.5:
-        assert gate.try_near()
-        gate.tried_page(False)
+    _answer_then_shut(gate, gate.tried_page, 20)
     tries = []
     for _ in range(16):
         tries.append(gate.try_near())
@@ -492,12 +498,7 @@ def test_key_gate_closes_when_single_reads_rarely_hit_and_bursts_less_often_whil
     from tiered_cache.policy.page_gate import KeyGate
 
     gate = KeyGate(threshold=0.2, burst=4, interval=8, max_interval=32, alpha=0.5)
-    for _ in range(10):
-        assert gate.try_near()
-        gate.tried_read(True)
-    while gate.share >= 0.2:
-        assert gate.try_near()
-        gate.tried_read(False)
+    _answer_then_shut(gate, gate.tried_read, 10)
     cycles = []
     for _ in range(5):
         n = 1
