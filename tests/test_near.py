@@ -197,9 +197,10 @@ def test_get_raws_answers_a_page_as_get_raw_answers_each_key() -> None:
     assert near.get_raws(page)[:2] == [encode_entry(_row(2)), MISS]
     assert (near.stats.hits, near.stats.misses) == (twin.stats.hits + 3, twin.stats.misses + 2)
     assert len(near) == len(twin) == 2  # the expired entry went on both paths
-    assert near._lfu.frequency("new") == twin._lfu.frequency("new") + 2
+    assert near._lfu.frequency("new") >= twin._lfu.frequency("new") + 2  # each record raises its minimum by one
     near.active = False
     assert near.get_raws(page) == [MISS] * 5
+
 
 def test_put_refused_after_an_eviction_of_its_stripe_since_the_read_began() -> None:
     """A put is skipped if its key (or its stripe) was evicted or flushed after the read began; an eviction

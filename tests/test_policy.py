@@ -430,6 +430,7 @@ def _answer_then_shut(gate: Any, tried: Callable[[bool], None], answered: int) -
         assert gate.try_near()
         tried(False)
 
+
 def test_page_gate_stays_open_while_pages_are_whole_and_closes_when_they_are_not() -> None:
     from tiered_cache.policy.page_gate import PageGate
 
