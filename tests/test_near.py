@@ -920,6 +920,29 @@ def test_a_closed_read_gate_skips_the_lookup_and_fills_the_near_tier_from_one_re
         assert cache.near.stats.hits == 4  # the checks above and this read
 
 
+def test_a_closed_read_gate_still_wins_back_a_tier_left_full_of_unexpired_one_off_entries(
+        dsn: str, redis_url: str) -> None:
+    """A prewarm or a batch job can leave the near tier full of entries read once that live on for max_age.
+    A closed gate skips the lookup, which is where an ask is counted; its warm reads count it themselves, so a
+    key asked for again and again out-ranks those entries and is stored (uncounted, it tied with them forever)."""
+    with near_cache(dsn, redis_url) as cache:
+        rid = cache.write_cache("gate_t", 7, "hot", {"v": 1})
+        _settle(cache, 1)
+        near, gate = cache.near, cache._reads
+        near.flush()
+        cold = [f"cold{i}" for i in range(1000)]  # as many as the tier holds (near_max_entries=1000)
+        near.get_raws(cold)  # each asked for once
+        for key in cold:
+            near.put(key, b'{"v":0}', None, near.epoch)
+        assert len(near) == 1000
+        gate.share, gate.interval = 0.0, 1 << 30  # closed, no burst due: 1 read in put_every is warm
+        entry = cache.keyset("gate_t", 7, "hot").entry
+        for _ in range(2 * gate.put_every):
+            assert cache.get_latest("gate_t", 7, "hot")["id"] == rid
+        assert gate.tried == 0 and near.stats.puts_rejected == 1  # the first warm put tied with the LRU entry
+        assert near.get_raw(entry) is not MISS, "the hot key never got into a tier full of one-off entries"
+
+
 def test_polled_within_tells_the_listener_whether_readers_are_draining_announcements_themselves() -> None:
     """The coherence listener sleeps instead of waking on each announcement while reads poll (see coherence)."""
     now = [100.0]

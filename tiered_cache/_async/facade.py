@@ -136,6 +136,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                     return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
             elif not self._reads.warm:
                 near = None  # neither lookup nor put (policy/page_gate.KeyGate)
+            else:
+                near.note(entry)  # no lookup counted this ask: the put that follows competes with it
         if near is not None:
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = await self.redis.get_raw(entry)
@@ -300,6 +302,8 @@ class AsyncTieredCache(AsyncGenerations, AsyncCacheWrites):
                     return found, "near", "hit"
             elif not self._reads.warm:
                 near = None
+            else:
+                near.note(history_key(entry, limit))
         if near is not None:
             epoch, started = near.epoch, near.timer()
         ks = self.keys.keyset(*key)

@@ -137,6 +137,8 @@ class TieredCache(Generations, CacheWrites):
                     return ((None if found == NEGATIVE else found) if as_json else found), "near", "hit"
             elif not self._reads.warm:
                 near = None  # neither lookup nor put (policy/page_gate.KeyGate)
+            else:
+                near.note(entry)  # no lookup counted this ask: the put that follows competes with it
         if near is not None:
             epoch, started = near.epoch, near.timer()  # before Redis: a later change forbids the put
         raw = self.redis.get_raw(entry)
@@ -301,6 +303,8 @@ class TieredCache(Generations, CacheWrites):
                     return found, "near", "hit"
             elif not self._reads.warm:
                 near = None
+            else:
+                near.note(history_key(entry, limit))
         if near is not None:
             epoch, started = near.epoch, near.timer()
         ks = self.keys.keyset(*key)

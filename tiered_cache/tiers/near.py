@@ -150,6 +150,16 @@ class NearTier:
         self.stats.misses += len(keys) - hits
         return out
 
+    def note(self, key: str) -> None:
+        """Count an ask whose lookup was skipped (a closed KeyGate's warm read), so its put competes for admission.
+
+        Without it a closed gate's puts carry no frequency of their own and lose every tie to the LRU victim:
+        a tier left full of unexpired one-off entries (a prewarm, a batch job) never took the hot set back.
+        """
+        if self._lfu is not None:
+            with self._lock:
+                self._lfu.record(key)
+
     def get_raw(self, key: str) -> Any:
         """The cached answer as stored (encoded; NEGATIVE for a cached 'no row'), or MISS."""
         now = self._serving_at()
