@@ -416,7 +416,9 @@ class TieredContender(StoreContender):
                "redis_errors": s["redis"]["errors"], "breaker_trips": s["redis"]["breaker_trips"]}
         if "near" in s:
             out.update(near_hits=s["near"]["hits"], near_misses=s["near"]["misses"],
-                       near_puts_skipped=s["near"]["puts_skipped"])
+                       near_puts_skipped=s["near"]["puts_skipped"],
+                       **{f"near_{k}": s["near"][k] for k in ("reads_tried", "reads_skipped", "pages_tried",
+                                                              "pages_skipped") if k in s["near"]})
         return out
 
     def close(self) -> None:

@@ -690,6 +690,12 @@ def _tier_notes(workloads: dict[str, Any]) -> list[str]:
             if tc.get("near_puts_skipped"):
                 out.append(f"{name}: {r['contender']} skipped {tc['near_puts_skipped']:,} near-tier puts "
                            f"(an eviction happened while the read was in flight)")
+            tried = [f"{tc.get(f'near_{what}_tried', 0):,} of "
+                     f"{tc.get(f'near_{what}_tried', 0) + tc.get(f'near_{what}_skipped', 0):,} {label}"
+                     for what, label in (("reads", "single reads"), ("pages", "pages"))
+                     if tc.get(f"near_{what}_tried", 0) + tc.get(f"near_{what}_skipped", 0)]
+            if tc.get("near_reads_skipped") or tc.get("near_pages_skipped"):
+                out.append(f"{name}: {r['contender']}'s near-tier gates (policy/page_gate) tried " + ", ".join(tried))
             if r.get("error"):
                 out.append(f"{name}: {r['contender']} stopped: {r['error']}")
     return out

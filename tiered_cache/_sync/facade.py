@@ -337,7 +337,10 @@ class TieredCache(Generations, CacheWrites):
         out = {"redis": asdict(self.redis.stats)}
         out["redis"]["breaker_trips"] = self.redis.breaker.trips
         if self.near is not None:
-            out["near"] = {**asdict(self.near.stats), "entries": len(self.near), "bytes": self.near.size_bytes}
+            out["near"] = {**asdict(self.near.stats), "entries": len(self.near), "bytes": self.near.size_bytes,
+                           # this object's gates (policy/page_gate): reads and pages that tried the tier or skipped it
+                           "reads_tried": self._reads.tried, "reads_skipped": self._reads.skipped,
+                           "pages_tried": self._pages.tried, "pages_skipped": self._pages.skipped}
         if self.listener is not None:
             out["listener"] = asdict(self.listener.stats)
         if self.relay is not None:
