@@ -194,3 +194,14 @@ def test_write_benchmark_compares_the_store_and_the_cache_with_a_pooled_insert(d
     rows = wmicro.summarize([run, run])
     text = wmicro.render(rows, 3, 2, 2)
     assert all(name in text for name in wmicro.CONTENDERS) and "p50 ratio" in text
+
+
+def test_listener_benchmark_counts_the_listener_threads_cpu_per_announcement_for_each_gather(
+        dsn: str, redis_url: str) -> None:
+    """bench.lmicro: another process publishes; the listener applies them under both settings; a table comes out."""
+    from tiered_cache.bench import lmicro
+
+    per_msg = lmicro.measure(dsn, redis_url, rate=200, seconds=0.5, runs=1)
+    assert len(per_msg) == 2 and 0.0 in per_msg and all(len(v) == 1 and v[0] >= 0 for v in per_msg.values())
+    text = lmicro.render(per_msg, 200, 0.5)
+    assert "gather=0 s" in text and "gather=0.02 s" in text

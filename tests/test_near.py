@@ -904,6 +904,7 @@ def test_a_closed_read_gate_skips_the_lookup_and_fills_the_near_tier_from_one_re
     with near_cache(dsn, redis_url) as cache:
         targets = [f"k{i}" for i in range(8)]
         rows = {t: cache.write_cache("gate_t", 7, t, {"v": t}) for t in targets}
+        _settle(cache, len(targets))  # our own announcements applied: none evicts a key while it is read below
         gate = cache._reads
         gate.share, gate.interval = 0.0, 1 << 30  # closed, no burst due
         cache.near.flush()

@@ -68,7 +68,7 @@ class CoherenceListener:
     """Subscribes to the change feed; a gap in a publisher's sequence, a lost link or a new Redis run id flushes."""
 
     def __init__(self, client: redis.Redis, channel: str, near: NearTier, *, poll: float = 0.2, health: float = 1.0,
-                 gap_grace: float = 0.25, publisher_ttl: float = 60.0) -> None:
+                 gap_grace: float = 0.25, publisher_ttl: float = 60.0, gather: float = 0.02) -> None:
         # A thread of its own on sync connections, whichever API the caches use (see _sync_client).
         # A pub/sub read waits for messages, not for an answer.
         self._source, self._read_timeout = client, max(1.0, poll * 5)
@@ -76,6 +76,9 @@ class CoherenceListener:
         self.feed = ChangeFeed(client, channel, timeout=self._read_timeout)
         self.near = near
         self.poll = poll
+        #: Seconds to wait after a wake-up before draining: announcements arriving meanwhile share one drain.
+        #: Staleness does not depend on it: a near hit applies what is on the socket first (poll_now).
+        self.gather = gather
         # A silently dead link (no RST) delivers nothing: a PING unanswered for 3 intervals counts as lost.
         self.health = health
         self._last_ping = 0.0
@@ -250,6 +253,8 @@ class CoherenceListener:
                     self._stop.wait(self.poll)
                 elif self.feed.fds:
                     self.feed.wait(self.poll)  # without the lock (and without the GIL)
+                    # Then let what follows gather, so one drain (one round for the GIL) applies it all.
+                    self._stop.wait(self.gather)
                 else:  # no OS socket to wait on (fakeredis): the client waits, and readers do not poll
                     with self._lock:
                         for data in self.feed.read_waiting(self.poll):
