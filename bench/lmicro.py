@@ -22,12 +22,14 @@ import time
 from collections.abc import Sequence
 
 
-def _publish(url: str, channel: str, rate: int, seconds: float, start: object) -> None:
+def _publish(url: str, channel: str, rate: int, seconds: float, ready: object, start: object) -> None:
     import redis
 
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     client = redis.Redis.from_url(url)
+    client.ping()
+    ready.set()  # type: ignore[attr-defined]
     start.wait()  # type: ignore[attr-defined]
     t0, n = time.monotonic(), 0
     while time.monotonic() - t0 < seconds:
@@ -66,9 +68,12 @@ def measure(dsn: str, url: str, rate: int, seconds: float, runs: int) -> dict[fl
         for i in range(2 * runs):
             gather = (0.0, default)[i % 2]
             listener.gather = gather
-            start = ctx.Event()
-            pub = ctx.Process(target=_publish, args=(url, listener.channel, rate, seconds + 0.5, start))
+            ready, start = ctx.Event(), ctx.Event()
+            pub = ctx.Process(target=_publish, args=(url, listener.channel, rate, seconds + 0.5, ready, start))
             pub.start()
+            if not ready.wait(60):  # a spawned interpreter's imports and connect, however busy the machine
+                pub.kill()
+                raise RuntimeError("the publisher process never connected")
             start.set()
             time.sleep(0.25)
             tid = listener._thread.native_id
