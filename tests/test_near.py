@@ -951,6 +951,7 @@ def test_polled_within_tells_the_listener_whether_readers_are_draining_announcem
     polls = []
     near.poll_announcements = lambda: polls.append(now[0])
     near.active = True
+    near.put("k", b"{}", None, near.epoch)
     assert not near.polled_within(0.2)  # never polled
     near.get_raw("k")
     assert polls == [100.0] and near.polled_within(0.2)
@@ -960,6 +961,28 @@ def test_polled_within_tells_the_listener_whether_readers_are_draining_announcem
     assert not near.polled_within(0.2)  # readers went quiet: the listener waits on the socket again
     near.get_raw("k")
     assert polls == [100.0, 100.21] and near.polled_within(0.2)
+
+
+def test_only_a_hit_polls_the_announcements_and_one_the_poll_evicted_is_a_miss() -> None:
+    """A miss goes on to Redis, which already holds every announced change: only an answer served from here
+    must first apply what is on the socket, and an entry that poll evicts is not served."""
+    now = [100.0]
+    near = NearTier(max_entries=10, timer=lambda: now[0], admission=False)
+    polls: list[float] = []
+    near.active = True
+    near.put("hot", b"1", None, near.epoch)
+    near.put("gone", b"2", None, near.epoch)
+    near.poll_announcements = lambda: (polls.append(now[0]), near.evict("gone"))
+    assert near.get_raw("absent") is MISS and near.get_raws(["absent", "other"]) == [MISS, MISS]
+    assert polls == []  # misses: no poll
+    assert near.get_raw("gone") is MISS and polls == [100.0]  # the poll evicted the entry it was about to serve
+    assert near.get_raw("hot") == b"1" and polls == [100.0]  # polled under a millisecond ago: not again
+    now[0] += 0.002
+    near.put("gone", b"3", None, near.epoch)
+    assert near.get_raws(["hot", "gone", "absent"]) == [b"1", MISS, MISS] and polls == [100.0, 100.002]
+    near.poll_announcements = lambda: setattr(near, "active", False)  # the poll found the link broken
+    now[0] += 0.002
+    assert near.get_raws(["hot"]) == [MISS] and near.get_raw("hot") is MISS
 
 
 def test_a_lookup_drains_announcements_itself_while_the_listener_thread_sleeps(dsn: str, redis_url: str) -> None:

@@ -116,16 +116,17 @@ class NearTier:
         return raw if raw is MISS else decode(raw)
 
     def _serving_at(self) -> float | None:
-        """The timer's now once announcements already received are applied; None while the tier may not serve."""
-        if not self.active:
-            return None
-        now = self.timer()
+        """The timer's now while the tier may serve (its listener subscribed); None while it may not."""
+        return self.timer() if self.active else None
+
+    def _polled(self, now: float) -> bool:
+        """Before serving a hit: apply announcements already received (at most once a _POLL_EVERY); False if the
+        tier may no longer serve. A miss skips this: Redis, asked next, already holds every announced change."""
         if now >= self._next_poll and self.poll_announcements is not None:
             self._next_poll = now + _POLL_EVERY
             self.poll_announcements()
-            if not self.active:
-                return None
-        return now
+            return self.active
+        return True
 
     def get_raws(self, keys: list[str]) -> list[Any]:
         """get_raw of each key (a page): one poll, one lock and one pass over the sketch for all of them."""
@@ -133,22 +134,35 @@ class NearTier:
         if now is None:
             return [MISS] * len(keys)
         out: list[Any] = [MISS] * len(keys)
-        hits = 0
         with self._lock:
             if self._lfu is not None:
                 self._lfu.record_many(keys)
-            cache = self._cache
-            for i, key in enumerate(keys):
-                item = cache.get(key)
-                if item is not None:
-                    if item[0] > now:
-                        out[i] = item[1]
-                        hits += 1
-                    else:
-                        del cache[key]
+            self._lookup(keys, out, now)
+        hits = len(keys) - out.count(MISS)
+        if hits and now >= self._next_poll and self.poll_announcements is not None:
+            if not self._polled(now):
+                out = [MISS] * len(keys)
+            else:  # the poll may have evicted some of them: look again (recency and sketch already counted)
+                with self._lock:
+                    self._lookup(keys, out, now, again=True)
+            hits = len(keys) - out.count(MISS)
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
         return out
+
+    def _lookup(self, keys: list[str], out: list[Any], now: float, again: bool = False) -> None:
+        """Fill out[i] with each unexpired key's answer (under the lock); `again`: only recheck the hits."""
+        cache = self._cache
+        for i, key in enumerate(keys):
+            if again and out[i] is MISS:
+                continue
+            item = cache.get(key)
+            if item is not None and item[0] > now:
+                out[i] = item[1]
+            else:
+                out[i] = MISS
+                if item is not None:
+                    del cache[key]
 
     def note(self, key: str) -> None:
         """Count an ask whose lookup was skipped (a closed KeyGate's warm read), so its put competes for admission.
@@ -172,6 +186,12 @@ class NearTier:
             if item is not None and item[0] <= now:
                 del self._cache[key]
                 item = None
+        if item is not None and now >= self._next_poll and self.poll_announcements is not None:
+            if not self._polled(now):
+                item = None
+            else:
+                with self._lock:  # the poll may have evicted it
+                    item = self._cache.get(key)
         if item is None:
             self.stats.misses += 1
             return MISS
